@@ -1,0 +1,1 @@
+"""ConceptVLM: vision-language MoE models whose language backbone runs on concepts."""
