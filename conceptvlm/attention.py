@@ -1,0 +1,151 @@
+"""Causal self-attention: RoPE, grouped-query heads, document masking, KV cache, joint decoding.
+
+Attention runs through ``F.scaled_dot_product_attention`` so the fused CPU / flash
+kernels are chosen by PyTorch at run time. Masks are built from *sequence order*
+(causal), *document ids* (packed documents never see each other) and *validity*
+(padding is never attended to).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 for bf16 stability, return in the input dtype.
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+def rope_cos_sin(positions_BL: torch.Tensor, head_dim: int, base: float, scaling: float = 1.0,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[B, 1, L, head_dim/2]`` for integer positions.
+
+    ``scaling > 1`` is linear position interpolation (positions / scaling): a model
+    trained at length T then reads up to about ``T * scaling`` positions.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions_BL.device,
+                                            dtype=torch.float64) / head_dim))
+    angles = (positions_BL.to(torch.float64) / scaling)[..., None] * inv_freq  # [B, L, hd/2]
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x_BHLd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by the position angle."""
+    x1, x2 = x_BHLd[..., 0::2], x_BHLd[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+def attention_mask(doc_q_BL: torch.Tensor, doc_k_BS: torch.Tensor, valid_k_BS: torch.Tensor,
+                   q_offset: int = 0) -> torch.Tensor:
+    """Boolean mask ``[B, 1, L, S]``: True where query i may attend to key j.
+
+    Keys are the cached ``S - L`` entries followed by the ``L`` new ones; query ``i``
+    sits at key index ``q_offset + i``. A query attends to earlier-or-same keys of its
+    own document that are valid. Every query keeps at least its own key so padding
+    rows never produce NaN (their outputs are ignored downstream).
+    """
+    L, S = doc_q_BL.shape[1], doc_k_BS.shape[1]
+    qi = torch.arange(L, device=doc_q_BL.device)[:, None] + q_offset
+    kj = torch.arange(S, device=doc_q_BL.device)[None, :]
+    causal = kj <= qi  # [L, S]
+    same_doc = doc_q_BL[:, :, None] == doc_k_BS[:, None, :]  # [B, L, S]
+    mask = causal & same_doc & valid_k_BS[:, None, :]
+    mask = mask | (kj == qi)
+    return mask[:, None]
+
+
+@dataclass
+class KVCache:
+    """Keys/values of one attention layer, appended along the sequence dim.
+
+    Also carries the per-key document id and validity so masks for new queries can be
+    built against everything cached.
+    """
+
+    k: Optional[torch.Tensor] = None  # [B, Hkv, S, d]
+    v: Optional[torch.Tensor] = None
+    doc: Optional[torch.Tensor] = None  # [B, S]
+    valid: Optional[torch.Tensor] = None  # [B, S]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k, v, doc, valid):
+        if self.k is None:
+            self.k, self.v, self.doc, self.valid = k, v, doc, valid
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+            self.doc = torch.cat([self.doc, doc], dim=1)
+            self.valid = torch.cat([self.valid, valid], dim=1)
+        return self.k, self.v, self.doc, self.valid
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.numel() * self.k.element_size() * 2
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention with GQA and RoPE.
+
+    With ``joint=True`` (decoder layers) the projections also read the token's
+    dechunked concept signal ``z``: ``Q = Wq x + Uq z`` etc., with ``U*`` zero-initialised
+    so a freshly converted model computes exactly the baseline's attention.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, joint: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.joint = joint
+        if joint:
+            self.uq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+            self.uk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+            self.uv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+            for u in (self.uq, self.uk, self.uv):
+                u.is_zero_init = True  # read by the model's init: keep these at exactly 0
+
+    def forward(self, x_BLD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                doc_BL: torch.Tensor, valid_BL: torch.Tensor,
+                z_BLD: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+        B, L, _ = x_BLD.shape
+        q, k, v = self.wq(x_BLD), self.wk(x_BLD), self.wv(x_BLD)
+        if self.joint and z_BLD is not None:
+            q, k, v = q + self.uq(z_BLD), k + self.uk(z_BLD), v + self.uv(z_BLD)
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        offset = 0
+        doc_k, valid_k = doc_BL, valid_BL
+        if cache is not None:
+            offset = cache.length
+            k, v, doc_k, valid_k = cache.append(k, v, doc_BL, valid_BL)
+        simple = offset == 0 and bool(valid_BL.all()) and bool((doc_BL == doc_BL[:, :1]).all())
+        if simple:  # one document, no padding: the fused causal kernel needs no mask tensor
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            mask = attention_mask(doc_BL, doc_k, valid_k, q_offset=offset)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, L, -1))

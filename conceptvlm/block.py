@@ -1,0 +1,37 @@
+"""One pre-norm transformer layer: attention then a MoE feed-forward, both residual."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .attention import Attention, KVCache, RMSNorm
+from .moe import MoE, MoEOutput
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, n_experts: int, top_k: int,
+                 expert_hidden: int, n_shared: int = 0, joint: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, eps)
+        self.attn = Attention(d_model, n_heads, n_kv_heads, joint=joint)
+        # Joint decoding reads the concept signal through its own norm: the residual
+        # stream and the EMA'd update live on different scales.
+        self.z_norm = RMSNorm(d_model, eps) if joint else None
+        self.ffn_norm = RMSNorm(d_model, eps)
+        self.moe = MoE(d_model, n_experts, top_k, expert_hidden, n_shared)
+
+    def forward(self, x_BLD: torch.Tensor, rope, doc_BL: torch.Tensor, valid_BL: torch.Tensor,
+                z_BLD: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, MoEOutput]:
+        z = self.z_norm(z_BLD) if (self.z_norm is not None and z_BLD is not None) else None
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, doc_BL, valid_BL, z, cache)
+        h = self.ffn_norm(x_BLD)
+        if bool(valid_BL.all()):
+            out = self.moe(h.reshape(-1, h.shape[-1]))
+            ffn = out.y.view_as(h)
+        else:  # route only real tokens: padding neither costs compute nor skews the balance loss
+            out = self.moe(h[valid_BL])
+            ffn = torch.zeros_like(h).index_put((valid_BL,), out.y)
+        return x_BLD + ffn, out

@@ -1,0 +1,181 @@
+"""The chunk module: where concept boundaries go, and the ratio loss that sets how many.
+
+Routers give a boundary probability ``p_t`` per token (DESIGN.md §2):
+
+* ``cosine`` (the paper's): ``p_t = clamp((1 - cos(Wq h_t, Wk h_{t-1})) / 2, 0, 1)``;
+  a token unlike its predecessor starts a new concept.
+* ``linear``: a learned scorer ``sigmoid(a . h_t + b . h_{t-1} + c)`` (ablation).
+* ``fixed``: a boundary every R tokens of a segment (ablation; no learning).
+* ``none``: every token is a boundary, i.e. the plain MoE.
+
+``p_t = 1`` is forced at the first token, at every document start of a packed row and
+wherever the modality changes (text / image patches / image markers), so no concept
+spans two documents or two modalities. Training samples ``b ~ Bernoulli(sharpen(p))``;
+evaluation thresholds ``b = [p >= threshold]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ChunkConfig
+
+# Modality ids of each position (the VLM's modality mask); markers belong to no loss.
+TEXT, IMAGE, MARKER = 0, 1, 2
+MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
+
+
+def ratio_loss(boundary: torch.Tensor, prob: torch.Tensor, target_ratio: float,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Compression-ratio loss over the positions where ``mask`` is true.
+
+    ``L = R/(R-1) * ((R-1) F G + (1-F)(1-G))`` with ``F = mean(b)`` (no gradient) and
+    ``G = mean(p)``. ``dL/dG = R/(R-1) ((R-1) F - (1-F))`` vanishes exactly at
+    ``F = 1/R`` and otherwise pushes the boundary rate towards ``1/R``; ``L = 1`` at
+    ``F = G = 1/R``. Returns a zero (still attached to ``prob``) when no position counts.
+    """
+    if target_ratio <= 1.0:
+        raise ValueError(f"target_ratio must be > 1, got {target_ratio}")
+    R = float(target_ratio)
+    b = boundary.detach().to(prob.dtype)
+    if mask is None:
+        F_rate, G = b.mean(), prob.mean()
+    else:
+        m = mask.to(prob.dtype)
+        n = m.sum()
+        if n.item() == 0:
+            return prob.sum() * 0.0
+        F_rate, G = (b * m).sum() / n, (prob * m).sum() / n
+    return R / (R - 1.0) * ((R - 1.0) * F_rate * G + (1.0 - F_rate) * (1.0 - G))
+
+
+def sharpen(p: torch.Tensor, s: float) -> torch.Tensor:
+    """``p^(1/s)`` above 0.5, ``1 - (1-p)^(1/s)`` below: pushes sampling towards 0/1."""
+    if s == 1.0:
+        return p
+    return torch.where(p > 0.5, p.clamp_min(0).pow(1.0 / s), 1.0 - (1.0 - p).clamp_min(0).pow(1.0 / s))
+
+
+def forced_boundaries(doc_BL: torch.Tensor, valid_BL: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+    """True at the first valid token of a row, document starts and modality changes."""
+    prev_doc = F.pad(doc_BL, (1, 0), value=-(2**31))[:, :-1]
+    prev_mod = F.pad(modality_BL, (1, 0), value=-1)[:, :-1]
+    prev_valid = F.pad(valid_BL, (1, 0), value=False)[:, :-1]
+    start = (doc_BL != prev_doc) | (modality_BL != prev_mod) | ~prev_valid | (modality_BL == MARKER)
+    return start & valid_BL
+
+
+def segment_positions(forced_BL: torch.Tensor) -> torch.Tensor:
+    """Index of each token inside its forced segment (0 at every forced boundary)."""
+    L = forced_BL.shape[1]
+    t = torch.arange(L, device=forced_BL.device).expand_as(forced_BL)
+    last_start = torch.where(forced_BL, t, torch.zeros_like(t)).cummax(dim=1).values
+    return t - last_start
+
+
+class ChunkRouter(nn.Module):
+    """Boundary probabilities ``p_BL`` from encoder states ``h_BLD`` (forced positions = 1)."""
+
+    def __init__(self, cfg: ChunkConfig, d_model: int):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.router == "cosine":
+            self.wq = nn.Linear(d_model, d_model, bias=False)
+            self.wk = nn.Linear(d_model, d_model, bias=False)
+            for w in (self.wq, self.wk):
+                w.is_identity_init = True  # start as plain cosine similarity of h_t, h_{t-1}
+        elif cfg.router == "linear":
+            self.score = nn.Linear(2 * d_model, 1, bias=True)
+
+    def forward(self, h_BLD: torch.Tensor, forced_BL: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+        router = self.cfg.router
+        if router == "cosine":
+            q = F.normalize(self.wq(h_BLD), dim=-1)
+            k = F.normalize(self.wk(h_BLD), dim=-1)
+            cos = (q[:, 1:] * k[:, :-1]).sum(-1)  # [B, L-1]
+            p = torch.clamp((1.0 - cos) / 2.0, 0.0, 1.0)
+            p = F.pad(p, (1, 0), value=1.0)
+        elif router == "linear":
+            h_prev = F.pad(h_BLD, (0, 0, 1, 0))[:, :-1]
+            p = torch.sigmoid(self.score(torch.cat([h_BLD, h_prev], -1)).squeeze(-1))
+        elif router == "fixed":
+            pos = segment_positions(forced_BL).to(h_BLD.dtype)
+            R = torch.where(modality_BL == IMAGE, self.cfg.target_ratio_image, self.cfg.target_ratio_text)
+            p = (torch.floor(pos / R) != torch.floor((pos - 1) / R)).to(h_BLD.dtype)
+        else:  # none
+            p = torch.ones(h_BLD.shape[:2], dtype=h_BLD.dtype, device=h_BLD.device)
+        return torch.where(forced_BL, torch.ones_like(p), p.to(h_BLD.dtype))
+
+    def boundaries(self, p_BL: torch.Tensor, forced_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
+        """Sampled (training) or thresholded (eval) boundaries; never on padding."""
+        if self.training and self.cfg.router in ("cosine", "linear"):
+            b = torch.bernoulli(sharpen(p_BL.detach(), self.cfg.sharpen)).bool()
+        else:
+            b = p_BL >= self.cfg.threshold
+        return (b | forced_BL) & valid_BL
+
+
+@dataclass
+class Chunks:
+    """Where the concepts are. ``M`` = max concepts per row in the batch."""
+
+    prob_BL: torch.Tensor  # router probability, forced positions = 1
+    boundary_BL: torch.Tensor  # bool, token starts a concept
+    concept_of_BL: torch.Tensor  # index j(t) of the concept token t belongs to
+    pos_BM: torch.Tensor  # token index of each concept's boundary (0 on padding)
+    valid_BM: torch.Tensor  # bool, real concept (rows have different counts)
+
+
+def locate_concepts(prob_BL: torch.Tensor, boundary_BL: torch.Tensor) -> Chunks:
+    """Per-row boundary positions, padded to the batch's max count (no loop over positions)."""
+    counts_B = boundary_BL.sum(1)
+    M = max(int(counts_B.max()), 1) if boundary_BL.numel() else 1
+    # A stable sort of "not a boundary" puts each row's boundary indices first, in order.
+    order = torch.argsort((~boundary_BL).to(torch.int8), dim=1, stable=True)[:, :M]
+    valid_BM = torch.arange(M, device=prob_BL.device)[None, :] < counts_B[:, None]
+    pos_BM = torch.where(valid_BM, order, torch.zeros_like(order))
+    concept_of = (torch.cumsum(boundary_BL.long(), 1) - 1).clamp_min(0)
+    return Chunks(prob_BL, boundary_BL, concept_of, pos_BM, valid_BM)
+
+
+def gather_rows(x_BL: torch.Tensor, idx_BM: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b, m]]`` for ``x`` of shape [B, L] or [B, L, D]."""
+    if x_BL.dim() == 2:
+        return torch.gather(x_BL, 1, idx_BM)
+    return torch.gather(x_BL, 1, idx_BM[..., None].expand(-1, -1, x_BL.shape[-1]))
+
+
+def chunk_statistics(chunks: Chunks, modality_BL: torch.Tensor, valid_BL: torch.Tensor,
+                     cfg: ChunkConfig) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+    """Weighted ratio loss (summed over modalities) and per-modality statistics.
+
+    F and G of each modality's loss are taken over that modality's positions only;
+    image markers belong to neither. ``ratio`` is tokens / boundaries in the batch.
+    """
+    p, b = chunks.prob_BL, chunks.boundary_BL
+    learned = cfg.router in ("cosine", "linear")
+    total = p.sum() * 0.0
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for mod, name in MODALITY_NAMES.items():
+        mask = valid_BL & (modality_BL == mod)
+        n = mask.sum()
+        if n.item() == 0:
+            continue
+        R = cfg.target_ratio_text if mod == TEXT else cfg.target_ratio_image
+        weight = cfg.ratio_loss_weight_text if mod == TEXT else cfg.ratio_loss_weight_image
+        loss = ratio_loss(b, p, R, mask)
+        if learned:
+            total = total + weight * loss
+        nb = (b & mask).sum()
+        stats[name] = {
+            "ratio": n.float() / nb.clamp_min(1).float(),
+            "boundary_rate": nb.float() / n.float(),
+            "mean_prob": (p.detach() * mask).sum() / n,
+            "ratio_loss": loss.detach(),
+            "tokens": n.detach(),
+            "boundaries": nb.detach(),
+        }
+    return total, stats

@@ -1,0 +1,58 @@
+"""The ``conceptvlm`` console script: thin commands over library functions.
+
+Each sub-command sets ``func(args) -> int``; everything it does is callable from Python.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _bench_moe(args: argparse.Namespace) -> int:
+    from .bench.moe import run_model_step_bench, run_moe_bench
+
+    run_moe_bench(tokens=args.tokens, d_model=args.d_model, hidden=args.hidden, n_experts=args.experts,
+                  top_k=args.top_k, repeats=args.repeats, with_deepspeed=not args.no_deepspeed, out=args.out)
+    if args.model_config:
+        run_model_step_bench(args.model_config)
+    return 0
+
+
+def _register_bench(sub: "argparse._SubParsersAction") -> "argparse._SubParsersAction":
+    bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True)
+    moe = kinds.add_parser("moe", help="our dropless MoE vs naive, DeepSpeed MoE and the dense bound")
+    moe.add_argument("--tokens", type=int, default=4096)
+    moe.add_argument("--d-model", type=int, default=512)
+    moe.add_argument("--hidden", type=int, default=1024)
+    moe.add_argument("--experts", type=int, default=8)
+    moe.add_argument("--top-k", type=int, default=2)
+    moe.add_argument("--repeats", type=int, default=5)
+    moe.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed rows")
+    moe.add_argument("--model-config", default="configs/model/tiny.yaml",
+                     help="also time forward+backward of this model config ('' to skip)")
+    moe.add_argument("--out", default="runs/bench/moe.json")
+    moe.set_defaults(func=_bench_moe)
+    return kinds
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import __version__
+    from .data import bench as data_bench
+    from .data import cli as data_cli
+    from .eval import cli as eval_cli
+
+    parser = argparse.ArgumentParser(prog="conceptvlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"conceptvlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench_kinds = _register_bench(sub)
+    eval_cli.register(sub)
+    data_cli.register(sub)
+    data_bench.register_bench(bench_kinds)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

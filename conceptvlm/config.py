@@ -1,0 +1,201 @@
+"""Model configuration: nested dataclasses, filled from YAML, validated on construction.
+
+YAML only fills the dataclasses (through OmegaConf's structured configs, which reject
+unknown keys and wrong types with the offending key in the message); every value
+check lives in ``__post_init__`` so a config built in Python is checked the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+ROUTERS = ("cosine", "linear", "fixed", "none")
+RESIDUAL_FORMS = ("update", "output")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class MoEConfig:
+    """Token-choice top-k MoE feed-forward used by every layer."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 1024
+    n_shared_experts: int = 0  # always-on SwiGLU experts of the same hidden size
+    aux_loss_weight: float = 0.01  # load-balancing loss (Switch-style)
+    z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+
+    def __post_init__(self) -> None:
+        _check(self.n_experts >= 1, f"moe.n_experts must be >= 1, got {self.n_experts}")
+        _check(1 <= self.top_k <= self.n_experts,
+               f"moe.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        _check(self.expert_hidden >= 1, f"moe.expert_hidden must be >= 1, got {self.expert_hidden}")
+        _check(self.n_shared_experts >= 0, "moe.n_shared_experts must be >= 0")
+        _check(self.aux_loss_weight >= 0 and self.z_loss_weight >= 0, "moe loss weights must be >= 0")
+
+
+@dataclass
+class ChunkConfig:
+    """Where concept boundaries go and how strongly the ratio loss pulls them."""
+
+    router: str = "cosine"  # cosine | linear | fixed | none
+    target_ratio_text: float = 2.0  # R for text positions (tokens per concept)
+    target_ratio_image: float = 2.0  # R for image-patch positions
+    ratio_loss_weight_text: float = 0.03
+    ratio_loss_weight_image: float = 0.03
+    sharpen: float = 6.0  # s in p~ = p^(1/s); 1 disables sharpening
+    threshold: float = 0.5  # eval-mode boundary rule b = [p >= threshold]
+    residual_form: str = "update"  # update (DESIGN §2) | output (reference demo ablation)
+
+    def __post_init__(self) -> None:
+        _check(self.router in ROUTERS, f"chunk.router must be one of {ROUTERS}, got {self.router!r}")
+        for name in ("target_ratio_text", "target_ratio_image"):
+            r = getattr(self, name)
+            _check(r > 1.0, f"chunk.{name} must be > 1 (the ratio loss has R/(R-1)), got {r}")
+        _check(self.sharpen >= 1.0, f"chunk.sharpen must be >= 1, got {self.sharpen}")
+        _check(0.0 < self.threshold < 1.0, f"chunk.threshold must be in (0, 1), got {self.threshold}")
+        _check(self.residual_form in RESIDUAL_FORMS,
+               f"chunk.residual_form must be one of {RESIDUAL_FORMS}, got {self.residual_form!r}")
+        _check(self.ratio_loss_weight_text >= 0 and self.ratio_loss_weight_image >= 0,
+               "chunk ratio loss weights must be >= 0")
+
+
+@dataclass
+class ConceptConfig:
+    """Implicit compute reallocation in the concept model (None / 1 = like the baseline)."""
+
+    top_k: Optional[int] = None  # activated experts per concept (default: moe.top_k)
+    loops: int = 1  # run the concept layers this many times with shared weights
+    d_model: Optional[int] = None  # concept width (default: model d_model)
+    n_heads: Optional[int] = None  # heads at the concept width (default: n_heads)
+    n_kv_heads: Optional[int] = None
+    expert_hidden: Optional[int] = None  # default: moe.expert_hidden
+
+    def __post_init__(self) -> None:
+        _check(self.loops >= 1, f"concept.loops must be >= 1, got {self.loops}")
+
+
+@dataclass
+class ModelConfig:
+    """ConceptMoE language model: encoder layers -> chunk -> concept layers -> dechunk -> decoder layers."""
+
+    vocab_size: int = 512
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: n_heads % n_kv_heads == 0
+    n_encoder_layers: int = 1
+    n_concept_layers: int = 2
+    n_decoder_layers: int = 1
+    max_seq_len: int = 2048
+    rope_base: float = 10000.0
+    rope_scaling: float = 1.0  # linear position interpolation: positions / rope_scaling
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    joint_decoding: bool = True  # decoder attention also sees the dechunked concept signal
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+
+    def __post_init__(self) -> None:
+        # Nested configs may arrive as dicts when built in Python from a plain mapping.
+        for name, cls in (("moe", MoEConfig), ("chunk", ChunkConfig), ("concept", ConceptConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, _build(cls, getattr(self, name), prefix=f"{name}."))
+        _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        _check(self.n_heads >= 1 and self.n_kv_heads >= 1, "n_heads and n_kv_heads must be >= 1")
+        _check(self.d_model % self.n_heads == 0,
+               f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        _check(self.n_heads % self.n_kv_heads == 0,
+               f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        _check((self.d_model // self.n_heads) % 2 == 0, "head dim must be even for RoPE")
+        _check(self.n_encoder_layers >= 0 and self.n_decoder_layers >= 0, "layer counts must be >= 0")
+        _check(self.n_concept_layers >= 1, f"n_concept_layers must be >= 1, got {self.n_concept_layers}")
+        _check(self.rope_scaling >= 1.0, f"rope_scaling must be >= 1, got {self.rope_scaling}")
+        c = self.concept
+        _check(c.top_k is None or 1 <= c.top_k <= self.moe.n_experts,
+               f"concept.top_k must be in [1, moe.n_experts={self.moe.n_experts}], got {c.top_k}")
+        cd, ch, ckv = self.concept_d_model, self.concept_n_heads, self.concept_n_kv_heads
+        _check(cd % ch == 0, f"concept d_model={cd} must be divisible by concept n_heads={ch}")
+        _check(ch % ckv == 0, f"concept n_heads={ch} must be a multiple of concept n_kv_heads={ckv}")
+        _check((cd // ch) % 2 == 0, "concept head dim must be even for RoPE")
+
+    # Resolved concept-model settings (reallocation defaults to "same as baseline").
+    @property
+    def concept_top_k(self) -> int:
+        return self.concept.top_k or self.moe.top_k
+
+    @property
+    def concept_d_model(self) -> int:
+        return self.concept.d_model or self.d_model
+
+    @property
+    def concept_n_heads(self) -> int:
+        return self.concept.n_heads or self.n_heads
+
+    @property
+    def concept_n_kv_heads(self) -> int:
+        return self.concept.n_kv_heads or self.n_kv_heads
+
+    @property
+    def concept_expert_hidden(self) -> int:
+        return self.concept.expert_hidden or self.moe.expert_hidden
+
+    @property
+    def n_layers(self) -> int:
+        return self.n_encoder_layers + self.n_concept_layers + self.n_decoder_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from a (possibly partial) nested mapping; unknown keys and bad types are errors."""
+        return _build(cls, data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "ModelConfig":
+        """Load a YAML file (optionally with ``key.sub=value`` overrides)."""
+        from omegaconf import OmegaConf
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"model config not found: {path}")
+        raw = OmegaConf.load(path)
+        if overrides:
+            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides))
+        data = OmegaConf.to_container(raw, resolve=True)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            return _build(cls, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _build(cls, data: dict[str, Any], prefix: str = ""):
+    """Structured merge through OmegaConf: unknown keys / wrong types name the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), data)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad config key {prefix}{key}: {msg}" if key else f"bad config: {msg}") from None

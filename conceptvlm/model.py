@@ -1,0 +1,191 @@
+"""ConceptMoE: the assembly.
+
+``ids -> embed -> encoder layers -> chunk -> concept model -> dechunk -> decoder layers
+(joint decoding) -> norm -> lm_head``. With router ``none`` every token is a concept
+and the model is exactly a plain MoE with ``n_layers`` layers (the baseline).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import RMSNorm, rope_cos_sin
+from .block import Block
+from .chunk import (TEXT, ChunkRouter, Chunks, chunk_statistics, forced_boundaries, gather_rows,
+                    locate_concepts, segment_positions)
+from .concept_model import ConceptModel
+from .config import ModelConfig
+from .dechunk import dechunk
+from .moe import GroupedExperts, MoEOutput
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, L, V]
+    loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss (when labels are given)
+    lm_loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy over labelled positions
+    aux_loss: Optional[torch.Tensor] = None  # weighted balance + z + ratio losses
+    balance_loss: Optional[torch.Tensor] = None
+    z_loss: Optional[torch.Tensor] = None
+    ratio_loss: Optional[torch.Tensor] = None  # weighted sum over modalities
+    chunk_stats: dict = field(default_factory=dict)  # {"text": {"ratio", "ratio_loss", ...}, "image": ...}
+    expert_counts: list = field(default_factory=list)  # per MoE layer, tokens per expert
+    n_tokens: int = 0
+    n_concepts: int = 0
+    n_label_tokens: int = 0
+
+
+def positions_in_document(doc_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
+    """RoPE position of each token: its index inside its document of the packed row."""
+    prev = F.pad(doc_BL, (1, 0), value=-(2**31))[:, :-1]
+    starts = (doc_BL != prev) | ~valid_BL
+    return segment_positions(starts)
+
+
+def next_token_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, doc_BL: torch.Tensor):
+    """Mean cross-entropy of predicting ``labels[t+1]`` at position t within a document.
+
+    A batch whose labels are all masked gives loss 0, not NaN.
+    """
+    target = labels_BL[:, 1:].clone()
+    target[doc_BL[:, 1:] != doc_BL[:, :-1]] = IGNORE_INDEX  # never predict across documents
+    logits = logits_BLV[:, :-1].float()
+    n = (target != IGNORE_INDEX).sum()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce / n.clamp_min(1), int(n)
+
+
+class ConceptMoE(nn.Module):
+    """The ConceptMoE language model (DESIGN.md §2)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        m = cfg.moe
+
+        def blocks(n: int, joint: bool) -> nn.ModuleList:
+            return nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, m.n_experts, m.top_k,
+                                       m.expert_hidden, m.n_shared_experts, joint, cfg.norm_eps)
+                                 for _ in range(n))
+
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = blocks(cfg.n_encoder_layers, joint=False)
+        self.router = ChunkRouter(cfg.chunk, cfg.d_model)
+        self.concept_model = ConceptModel(cfg)
+        self.decoder = blocks(cfg.n_decoder_layers, joint=cfg.joint_decoding)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 * layers);
+        joint-decoding projectors zero; the cosine router's projections identity."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                if getattr(mod, "is_zero_init", False):
+                    nn.init.zeros_(mod.weight)
+                elif getattr(mod, "is_identity_init", False):
+                    nn.init.eye_(mod.weight)
+                else:
+                    nn.init.normal_(mod.weight, 0.0, out_std if name.endswith(("wo", "w2")) else std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, 0.0, std)
+            elif isinstance(mod, GroupedExperts):
+                nn.init.normal_(mod.w1_EDH, 0.0, std)
+                nn.init.normal_(mod.w3_EDH, 0.0, std)
+                nn.init.normal_(mod.w2_EHD, 0.0, out_std)
+            elif isinstance(mod, RMSNorm):
+                nn.init.ones_(mod.weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --------------------------------------------------------------- forward
+    def forward(self, input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None, modality: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None,
+                inputs_embeds: Optional[torch.Tensor] = None) -> ModelOutput:
+        """Run the model.
+
+        Args:
+            input_ids: ``[B, L]`` token ids (or give ``inputs_embeds [B, L, D]``).
+            labels: ``[B, L]`` targets aligned with the inputs (``-100`` = no loss); the
+                model shifts them, so position t is trained to predict ``labels[t+1]``.
+            doc_ids: ``[B, L]`` document index per token in a packed row, ``-1`` on
+                padding (default: one document, no padding).
+            modality: ``[B, L]`` 0 text, 1 image patch, 2 image marker (default: text).
+            positions: ``[B, L]`` RoPE positions (default: index within the document).
+        """
+        cfg = self.config
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, L, _ = h.shape
+        dev = h.device
+        doc = torch.zeros(B, L, dtype=torch.long, device=dev) if doc_ids is None else doc_ids.to(dev)
+        valid = doc >= 0
+        mod = torch.full((B, L), TEXT, dtype=torch.long, device=dev) if modality is None else modality.to(dev)
+        pos = positions_in_document(doc, valid) if positions is None else positions.to(dev)
+
+        moe_outs: list[MoEOutput] = []
+        rope = rope_cos_sin(pos, cfg.d_model // cfg.n_heads, cfg.rope_base, cfg.rope_scaling, h.dtype)
+        for layer in self.encoder:
+            h, out = layer(h, rope, doc, valid)
+            moe_outs.append(out)
+
+        chunks = self.chunk(h, doc, valid, mod)
+        z = self.concept_signal(h, chunks, pos, doc, moe_outs)
+        x = h + z
+        for layer in self.decoder:
+            x, out = layer(x, rope, doc, valid, z_BLD=z if cfg.joint_decoding else None)
+            moe_outs.append(out)
+        logits = self.lm_head(self.norm(x))
+        return self._output(logits, labels, doc, valid, mod, chunks, moe_outs)
+
+    def chunk(self, h_BLD: torch.Tensor, doc_BL: torch.Tensor, valid_BL: torch.Tensor,
+              modality_BL: torch.Tensor) -> Chunks:
+        """Boundary probabilities, boundaries and concept locations for encoder states."""
+        forced = forced_boundaries(doc_BL, valid_BL, modality_BL)
+        p = self.router(h_BLD, forced, modality_BL)
+        b = self.router.boundaries(p, forced, valid_BL)
+        return locate_concepts(p, b)
+
+    def concept_signal(self, h_BLD: torch.Tensor, chunks: Chunks, pos_BL: torch.Tensor, doc_BL: torch.Tensor,
+                       moe_outs: list[MoEOutput]) -> torch.Tensor:
+        """Concepts through the concept model and back to tokens: ``z_{j(t)} * STE(conf_t)``."""
+        c = gather_rows(h_BLD, chunks.pos_BM)  # a concept is its boundary token's state
+        c_pos = gather_rows(pos_BL, chunks.pos_BM)  # ... and keeps that token's position
+        c_doc = torch.where(chunks.valid_BM, gather_rows(doc_BL, chunks.pos_BM), -1)
+        update, outs = self.concept_model(c, c_pos, c_doc, chunks.valid_BM)
+        moe_outs.extend(outs)
+        if self.config.chunk.residual_form == "output":  # ablation: smooth chat itself
+            update = c + update
+        return dechunk(update, chunks)
+
+    def _output(self, logits, labels, doc, valid, mod, chunks: Chunks, moe_outs) -> ModelOutput:
+        cfg = self.config
+        ratio, stats = chunk_statistics(chunks, mod, valid, cfg.chunk)
+        balance = torch.stack([o.balance_loss for o in moe_outs]).mean()
+        zl = torch.stack([o.z_loss for o in moe_outs]).mean()
+        aux = cfg.moe.aux_loss_weight * balance + cfg.moe.z_loss_weight * zl + ratio
+        out = ModelOutput(logits=logits, aux_loss=aux, balance_loss=balance, z_loss=zl, ratio_loss=ratio,
+                          chunk_stats=stats, expert_counts=[o.counts for o in moe_outs],
+                          n_tokens=int(valid.sum()), n_concepts=int(chunks.valid_BM.sum()))
+        if labels is not None:
+            lm, n = next_token_loss(logits, labels.to(logits.device), doc)
+            out.lm_loss, out.loss, out.n_label_tokens = lm, lm + aux, n
+        return out

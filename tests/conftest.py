@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny configs and generated data, all built in-process."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+# Two cores: keep each test process from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO

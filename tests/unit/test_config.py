@@ -1,0 +1,35 @@
+"""ModelConfig: YAML loading and clear errors for bad keys and values."""
+import pytest
+
+from conceptvlm import ConfigError, ModelConfig
+
+
+def test_tiny_yaml_loads(repo_root):
+    cfg = ModelConfig.from_yaml(repo_root / "configs/model/tiny.yaml")
+    assert cfg.chunk.router == "cosine" and cfg.moe.n_experts >= cfg.moe.top_k
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("moe.topk=2", "moe.topk"),
+    ("d_model=wide", "d_model"),
+    ("moe.top_k=99", "moe.top_k"),
+    ("chunk.target_ratio_text=1.0", "target_ratio_text"),
+    ("chunk.router=magic", "chunk.router"),
+    ("n_kv_heads=3", "n_kv_heads"),
+    ("concept.top_k=99", "concept.top_k"),
+    ("concept.loops=0", "concept.loops"),
+])
+def test_bad_values_name_the_key(repo_root, override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        ModelConfig.from_yaml(repo_root / "configs/model/tiny.yaml", [override])
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        ModelConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_roundtrip(tmp_path):
+    cfg = ModelConfig(concept={"loops": 2, "top_k": 3})
+    cfg.save_yaml(tmp_path / "c.yaml")
+    assert ModelConfig.from_yaml(tmp_path / "c.yaml") == cfg
