@@ -28,16 +28,26 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype) * self.weight
 
 
-def rope_cos_sin(positions_BL: torch.Tensor, head_dim: int, base: float, scaling: float = 1.0,
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, scaling: float = 1.0,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[B, 1, L, head_dim/2]`` for integer positions.
 
-    ``scaling > 1`` is linear position interpolation (positions / scaling): a model
-    trained at length T then reads up to about ``T * scaling`` positions.
+    ``positions`` is ``[B, L]`` (1D RoPE) or ``[B, L, 2]`` (2D, M-RoPE style: the first
+    half of the rotary frequencies follow ``[..., 0]``, the second half ``[..., 1]``; with
+    both equal this is exactly 1D RoPE). ``scaling > 1`` is linear position
+    interpolation (positions / scaling): a model trained at length T then reads up to
+    about ``T * scaling`` positions.
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions_BL.device,
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device,
                                             dtype=torch.float64) / head_dim))
-    angles = (positions_BL.to(torch.float64) / scaling)[..., None] * inv_freq  # [B, L, hd/2]
+    pos = positions.to(torch.float64) / scaling
+    if pos.dim() == 3:  # per-frequency position: rows for the first half, columns for the rest
+        half = inv_freq.numel() // 2
+        pos = torch.cat([pos[..., :1].expand(*pos.shape[:2], half),
+                         pos[..., 1:].expand(*pos.shape[:2], inv_freq.numel() - half)], -1)
+        angles = pos * inv_freq
+    else:
+        angles = pos[..., None] * inv_freq  # [B, L, hd/2]
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
 

@@ -186,6 +186,8 @@ class ConceptMoE(nn.Module):
                           chunk_stats=stats, expert_counts=[o.counts for o in moe_outs],
                           n_tokens=int(valid.sum()), n_concepts=int(chunks.valid_BM.sum()))
         if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels {list(labels.shape)} must match the inputs {list(logits.shape[:2])}")
             lm, n = next_token_loss(logits, labels.to(logits.device), doc)
             out.lm_loss, out.loss, out.n_label_tokens = lm, lm + aux, n
         return out

@@ -30,3 +30,28 @@ def make_forced_all_boundaries(model: ConceptMoE) -> None:
     with torch.no_grad():
         model.router.score.weight.zero_()
         model.router.score.bias.fill_(100.0)
+
+
+def tiny_vlm(dtype=torch.float64, seed: int = 0, image_positions: str = "1d", image_order: str = "raster",
+             **model_overrides):
+    """A ConceptVLM with the tiny timm tower, 2x2 pixel-shuffle -> 16 tokens per 64px image."""
+    from conceptvlm.vision import tiny_vision_config
+    from conceptvlm.vlm import ConceptVLM, VLMConfig
+
+    torch.manual_seed(seed)
+    cfg = VLMConfig(model=tiny_config(vocab_size=262, **model_overrides),
+                    vision=tiny_vision_config(reduction="pixel_shuffle", reduction_factor=2),
+                    image_positions=image_positions, image_order=image_order)
+    return ConceptVLM(cfg).to(dtype).eval()
+
+
+def interleaved_row(vlm, parts) -> list[int]:
+    """``parts``: list of str (text, as bytes) or None (an image block)."""
+    c = vlm.config
+    ids = []
+    for p in parts:
+        if p is None:
+            ids += [c.image_start_id] + [c.image_token_id] * vlm.tokens_per_image + [c.image_end_id]
+        else:
+            ids += list(p.encode())
+    return ids

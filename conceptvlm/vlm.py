@@ -1,0 +1,193 @@
+"""ConceptVLM: vision tower + projector + ConceptMoE, over interleaved image-text rows.
+
+The data pipeline writes each image as ``image_start, image * n, image_end`` in the
+token row (``n = tokens_per_image``). Here the ``image`` placeholders' embeddings are
+replaced, in row-major order, by the projected patches of ``images``; a modality mask
+(text / image patch / marker) goes to the chunk module, which keeps a separate ratio
+loss per modality and forces boundaries at markers and modality changes, so no concept
+spans text and image. Labels are never computed on image positions or markers.
+
+Options beyond the paper (its first open question: 1D merging of flattened patches
+breaks spatial structure):
+
+* ``image_positions="2d"``: patches get (row, column) rotary positions (M-RoPE style:
+  half of the rotary frequencies follow the row, half the column; text keeps
+  ``(t, t)``, which is exactly 1D RoPE).
+* ``image_order="hilbert"``: an image's patches enter the sequence along a Hilbert
+  curve, so consecutive tokens are grid neighbours and every run the chunker merges is
+  a compact 2D region instead of a strip of a raster row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .chunk import IMAGE, MARKER, TEXT
+from .config import ConfigError, ModelConfig
+from .model import IGNORE_INDEX, ConceptMoE, ModelOutput, positions_in_document
+
+IMAGE_POSITIONS = ("1d", "2d")
+IMAGE_ORDERS = ("raster", "hilbert")
+
+
+@dataclass
+class VLMConfig:
+    """The language model, the vision side and how images enter the sequence."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vision: Optional[Any] = None  # conceptvlm.vision.VisionConfig, or None for text only
+    image_token_id: int = 257  # defaults: conceptvlm.data.tokenizer.ByteTokenizer's ids
+    image_start_id: int = 258
+    image_end_id: int = 259
+    image_positions: str = "1d"
+    image_order: str = "raster"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        if isinstance(self.vision, dict):
+            from .vision import VisionConfig
+
+            self.vision = VisionConfig(**self.vision)
+        if self.image_positions not in IMAGE_POSITIONS:
+            raise ConfigError(f"image_positions must be one of {IMAGE_POSITIONS}, got {self.image_positions!r}")
+        if self.image_order not in IMAGE_ORDERS:
+            raise ConfigError(f"image_order must be one of {IMAGE_ORDERS}, got {self.image_order!r}")
+        ids = (self.image_token_id, self.image_start_id, self.image_end_id)
+        if len(set(ids)) != 3 or not all(0 <= i < self.model.vocab_size for i in ids):
+            raise ConfigError(f"image token ids {ids} must be distinct and inside vocab_size={self.model.vocab_size}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "VLMConfig":
+        """YAML with ``model:`` (a ModelConfig mapping), ``vision:`` and the image options."""
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.load(path)
+        if overrides:
+            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides))
+        data = OmegaConf.to_container(raw, resolve=True)
+        known = {"model", "vision", "image_token_id", "image_start_id", "image_end_id", "image_positions",
+                 "image_order"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; expected {sorted(known)}")
+        try:
+            return cls(**data)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def hilbert_index(rows: int, cols: int) -> torch.Tensor:
+    """Distance of each raster cell ``r * cols + c`` along a Hilbert curve over the grid.
+
+    Uses the smallest enclosing power-of-two square; on non-square grids the order
+    still visits compact blocks, only with occasional jumps.
+    """
+    n = 1
+    while n < max(rows, cols):
+        n *= 2
+    r = torch.arange(rows).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(rows)
+    x, y, d = c.clone(), r.clone(), torch.zeros_like(r)
+    s = n // 2
+    while s > 0:  # classic xy -> d conversion, vectorised over cells (loop is over bits)
+        rx = (x & s) > 0
+        ry = (y & s) > 0
+        d += s * s * ((3 * rx.long()) ^ ry.long())
+        swap = ~ry
+        flip = swap & rx
+        x = torch.where(flip, n - 1 - x, x)
+        y = torch.where(flip, n - 1 - y, y)
+        x, y = torch.where(swap, y, x), torch.where(swap, x, y)
+        s //= 2
+    return d
+
+
+class ConceptVLM(nn.Module):
+    """Vision tower + projector + :class:`ConceptMoE`."""
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        self.lm = ConceptMoE(config.model)
+        self.tower = self.projector = self.image_processor = None
+        self.tokens_per_image, self.image_grid = 0, (0, 0)
+        if config.vision is not None:
+            from .vision import ImageProcessor, Projector, VisionTower
+
+            self.tower = VisionTower(config.vision)
+            self.projector = Projector.for_tower(self.tower, config.model.d_model)
+            self.image_processor = ImageProcessor.from_tower(self.tower)
+            self.tokens_per_image = self.projector.tokens_per_image
+            self.image_grid = tuple(self.projector.output_grid)
+        rows, cols = self.image_grid
+        order = torch.argsort(hilbert_index(rows, cols)) if config.image_order == "hilbert" and rows else None
+        # Raster index of the patch placed at each sequence slot of an image block.
+        self.register_buffer("patch_order", order if order is not None else torch.arange(rows * cols),
+                             persistent=False)
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        return self.tokens_per_image
+
+    def modality(self, input_ids: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        mod = torch.full_like(input_ids, TEXT)
+        mod = torch.where(input_ids == c.image_token_id, torch.full_like(mod, IMAGE), mod)
+        is_marker = (input_ids == c.image_start_id) | (input_ids == c.image_end_id)
+        return torch.where(is_marker, torch.full_like(mod, MARKER), mod)
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` -> ``[N, tokens_per_image, D]`` in sequence order."""
+        if self.tower is None:
+            raise ValueError("this ConceptVLM has no vision tower (config.vision is None) but got images")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [N, 3, H, W], got {list(images.shape)}")
+        tokens = self.projector(self.tower(images))
+        if self.config.image_order != "raster":
+            tokens = tokens[:, self.patch_order]
+        return tokens
+
+    def image_positions(self, pos_BL: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+        """``[B, L, 2]`` positions: (t, t) for text, (start + row, start + col) for patches."""
+        rows, cols = self.image_grid
+        is_img = modality_BL == IMAGE
+        # k-th patch of its image block: count of image tokens since the block started.
+        k = torch.cumsum(is_img.long(), 1)
+        block_start = torch.where(is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:, :-1], k, 0).cummax(1).values
+        k = k - block_start  # 0-based slot within the block
+        raster = self.patch_order.to(pos_BL.device)[k.clamp(0, rows * cols - 1)]
+        start = pos_BL - k  # position of the first patch
+        row = torch.where(is_img, start + raster // cols, pos_BL)
+        col = torch.where(is_img, start + raster % cols, pos_BL)
+        return torch.stack([row, col], -1)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None) -> ModelOutput:
+        """Interleaved rows ``input_ids [B, L]`` with ``images [N, 3, H, W]`` in row-major order."""
+        mod = self.modality(input_ids)
+        is_img = mod == IMAGE
+        n_slots = int(is_img.sum())
+        n_images = 0 if images is None else images.shape[0]
+        if n_slots != n_images * self.tokens_per_image:
+            raise ValueError(f"batch has {n_slots} image tokens but {n_images} images x {self.tokens_per_image} "
+                             f"tokens per image = {n_images * self.tokens_per_image}")
+        if input_ids.numel() and int(input_ids.max()) >= self.config.model.vocab_size:
+            raise ValueError(f"token id {int(input_ids.max())} >= vocab_size={self.config.model.vocab_size}: "
+                             "the tokenizer and the model config disagree")
+        emb = self.lm.embed(input_ids)
+        if n_images:
+            patches = self.embed_images(images.to(emb.device, emb.dtype)).reshape(-1, emb.shape[-1])
+            emb = emb.index_put((is_img,), patches.to(emb.dtype))
+        if labels is not None:
+            labels = torch.where(mod == TEXT, labels, torch.full_like(labels, IGNORE_INDEX))
+        dev = input_ids.device
+        doc = torch.zeros_like(input_ids) if doc_ids is None else doc_ids.to(dev)
+        pos = positions_in_document(doc, doc >= 0)
+        if self.config.image_positions == "2d" and self.tower is not None:
+            pos = self.image_positions(pos, mod)
+        return self.lm(labels=labels, doc_ids=doc, modality=mod, positions=pos, inputs_embeds=emb)
