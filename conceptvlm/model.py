@@ -40,6 +40,8 @@ class ModelOutput:
     n_tokens: int = 0
     n_concepts: int = 0
     n_label_tokens: int = 0
+    boundary: Optional[torch.Tensor] = None  # [B, L] bool, token starts a concept
+    boundary_prob: Optional[torch.Tensor] = None  # [B, L] router probability p_t
 
 
 def positions_in_document(doc_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
@@ -184,7 +186,8 @@ class ConceptMoE(nn.Module):
         aux = cfg.moe.aux_loss_weight * balance + cfg.moe.z_loss_weight * zl + ratio
         out = ModelOutput(logits=logits, aux_loss=aux, balance_loss=balance, z_loss=zl, ratio_loss=ratio,
                           chunk_stats=stats, expert_counts=[o.counts for o in moe_outs],
-                          n_tokens=int(valid.sum()), n_concepts=int(chunks.valid_BM.sum()))
+                          n_tokens=int(valid.sum()), n_concepts=int(chunks.valid_BM.sum()),
+                          boundary=chunks.boundary_BL, boundary_prob=chunks.prob_BL.detach())
         if labels is not None:
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels {list(labels.shape)} must match the inputs {list(logits.shape[:2])}")
