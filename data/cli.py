@@ -1,0 +1,62 @@
+"""Command-line glue for the data commands: parse, call the library, print.
+
+``register(subparsers)`` adds ``shards synthetic``, ``shards from-folder`` and
+``tokenizer train``; every parser sets ``func(args) -> int`` (the exit code).
+"""
+from __future__ import annotations
+
+import argparse
+
+from .from_folder import write_folder_shards
+from .samples import KINDS
+from .synthetic import write_synthetic_shards
+from .tokenizer import train_bpe_tokenizer
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    paths = write_synthetic_shards(args.kind, args.out, num=args.num, shard_size=args.shard_size,
+                                   seed=args.seed, image_size=args.image_size, start_index=args.start_index)
+    print(f"wrote {args.num} {args.kind} samples to {len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
+    return 0
+
+
+def _from_folder(args: argparse.Namespace) -> int:
+    paths = write_folder_shards(args.images, args.annotations, args.out, shard_size=args.shard_size, prefix=args.prefix)
+    print(f"wrote {len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
+    return 0
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    tok = train_bpe_tokenizer(args.files, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    print(f"trained byte-level BPE with {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    shards = subparsers.add_parser("shards", help="write webdataset shards").add_subparsers(dest="shards_cmd", required=True)
+
+    p = shards.add_parser("synthetic", help="generated shape scenes (demo and test data)")
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num", type=int, default=1000, help="number of samples")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--start-index", type=int, default=0, help="first sample index (held-out splits)")
+    p.set_defaults(func=_synthetic)
+
+    p = shards.add_parser("from-folder", help="image folder + captions/QA jsonl or csv")
+    p.add_argument("--images", required=True, help="image folder")
+    p.add_argument("--annotations", required=True, help=".jsonl or .csv with an 'image' column")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--prefix", default="shard", help="shard file name prefix")
+    p.set_defaults(func=_from_folder)
+
+    tok = subparsers.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_cmd", required=True)
+    p = tok.add_parser("train", help="fit a byte-level BPE on text files")
+    p.add_argument("files", nargs="+", help="UTF-8 text files")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="folder for tokenizer.json")
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.set_defaults(func=_train_tokenizer)

@@ -1,0 +1,72 @@
+"""Tar shards -> raw samples (``{"__key__", "__url__", ext: bytes}``), surviving damage.
+
+webdataset's ``tarfile_samples`` reports a damaged member without its key and then keeps
+the partial sample; here a truncated member drops exactly the sample it belongs to, and
+the warning names shard and key. Opening (local files, ``pipe:``, URLs) and the
+``KEY.ext`` split are webdataset's own (``gopen``, ``base_plus_ext``).
+"""
+from __future__ import annotations
+
+import tarfile
+from typing import Any, Iterator
+
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from .counters import BAD_FIELD, TRUNCATED, UNREADABLE_SHARD, DataCounters
+
+RawSample = dict[str, Any]
+
+
+def iter_shard(url: str, counters: DataCounters) -> Iterator[RawSample]:
+    """Yield the samples of one shard (members grouped by key, consecutive as in
+    webdataset). Damage ends the shard; everything complete before it is kept."""
+    try:
+        stream = gopen(url)
+    except Exception as exc:  # a vanished file, a failing pipe: count it, go on
+        counters.skip(UNREADABLE_SHARD, url, "-", repr(exc))
+        return
+    current: RawSample | None = None
+    member_key = "-"
+    reported = False
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = base_plus_ext(info.name)
+                if key is None or key.rsplit("/", 1)[-1].startswith("__"):
+                    continue  # webdataset's metadata members, names without an extension
+                member_key = key
+                # A new key completes the previous sample: yield it before reading on,
+                # so damage in this member cannot take the previous sample with it.
+                if current is not None and current["__key__"] != key:
+                    if not current.get("__bad__"):
+                        yield current
+                    current = None
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} has {len(data)} of {info.size} bytes")
+                ext = ext.lower()
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                if ext in current:
+                    counters.skip(BAD_FIELD, url, key, f"duplicate member {info.name}")
+                    current["__bad__"] = True
+                current[ext] = data
+                # Streaming mode keeps every TarInfo otherwise: memory grows with the shard.
+                tar.members = []
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        # Damage before any member (empty file, failing pipe) loses the shard; later damage
+        # loses the sample being read (the member, or the header after it, is cut).
+        reason = TRUNCATED if member_key != "-" else UNREADABLE_SHARD
+        counters.skip(reason, url, member_key, repr(exc))
+        current, reported = None, True
+    finally:
+        try:
+            stream.close()
+        except Exception as exc:  # a pipe: command that exited non-zero
+            if not reported:
+                counters.skip(UNREADABLE_SHARD, url, member_key, f"closing: {exc!r}")
+    if current is not None and not current.get("__bad__"):
+        yield current
