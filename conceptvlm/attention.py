@@ -7,7 +7,6 @@ kernels are chosen by PyTorch at run time. Masks are built from *sequence order*
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -77,35 +76,49 @@ def attention_mask(doc_q_BL: torch.Tensor, doc_k_BS: torch.Tensor, valid_k_BS: t
     return mask[:, None]
 
 
-@dataclass
 class KVCache:
     """Keys/values of one attention layer, appended along the sequence dim.
 
-    Also carries the per-key document id and validity so masks for new queries can be
-    built against everything cached.
+    Storage grows by doubling so an append costs amortised O(new tokens), not a copy
+    of everything cached. Per-key document id and validity are kept so masks for new
+    queries can be built against the whole cache (padding and other documents stay
+    invisible during generation too).
     """
 
-    k: Optional[torch.Tensor] = None  # [B, Hkv, S, d]
-    v: Optional[torch.Tensor] = None
-    doc: Optional[torch.Tensor] = None  # [B, S]
-    valid: Optional[torch.Tensor] = None  # [B, S]
+    def __init__(self) -> None:
+        self._k = self._v = self._doc = self._valid = None
+        self.length = 0
 
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-    def append(self, k, v, doc, valid):
-        if self.k is None:
-            self.k, self.v, self.doc, self.valid = k, v, doc, valid
-        else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-            self.doc = torch.cat([self.doc, doc], dim=1)
-            self.valid = torch.cat([self.valid, valid], dim=1)
-        return self.k, self.v, self.doc, self.valid
+    def append(self, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, valid: torch.Tensor):
+        """Add ``k, v [B, H, L, d]`` with ``doc, valid [B, L]``; return views of the whole cache."""
+        n = k.shape[2]
+        need = self.length + n
+        if self._k is None or need > self._k.shape[2]:
+            cap = max(need, 2 * (0 if self._k is None else self._k.shape[2]), 16)
+            grow = lambda old, new_like, dim: _grown(old, new_like, dim, cap, self.length)  # noqa: E731
+            self._k, self._v = grow(self._k, k, 2), grow(self._v, v, 2)
+            self._doc, self._valid = grow(self._doc, doc, 1), grow(self._valid, valid, 1)
+        s, e = self.length, need
+        self._k[:, :, s:e], self._v[:, :, s:e] = k, v
+        self._doc[:, s:e], self._valid[:, s:e] = doc, valid
+        self.length = need
+        return self._k[:, :, :e], self._v[:, :, :e], self._doc[:, :e], self._valid[:, :e]
 
     def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.numel() * self.k.element_size() * 2
+        """Bytes of the keys and values held (not the spare capacity)."""
+        if self._k is None:
+            return 0
+        per = self._k.shape[0] * self._k.shape[1] * self._k.shape[3] * self._k.element_size()
+        return 2 * per * self.length
+
+
+def _grown(old: Optional[torch.Tensor], like: torch.Tensor, dim: int, cap: int, used: int) -> torch.Tensor:
+    shape = list(like.shape)
+    shape[dim] = cap
+    buf = like.new_zeros(shape)
+    if old is not None and used:
+        buf.narrow(dim, 0, used).copy_(old.narrow(dim, 0, used))
+    return buf
 
 
 class Attention(nn.Module):

@@ -16,6 +16,7 @@ evaluation thresholds ``b = [p >= threshold]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -59,21 +60,48 @@ def sharpen(p: torch.Tensor, s: float) -> torch.Tensor:
     return torch.where(p > 0.5, p.clamp_min(0).pow(1.0 / s), 1.0 - (1.0 - p).clamp_min(0).pow(1.0 / s))
 
 
-def forced_boundaries(doc_BL: torch.Tensor, valid_BL: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
-    """True at the first valid token of a row, document starts and modality changes."""
-    prev_doc = F.pad(doc_BL, (1, 0), value=-(2**31))[:, :-1]
-    prev_mod = F.pad(modality_BL, (1, 0), value=-1)[:, :-1]
-    prev_valid = F.pad(valid_BL, (1, 0), value=False)[:, :-1]
+@dataclass
+class Previous:
+    """The last real token before the current chunk of a row (incremental decoding)."""
+
+    h: torch.Tensor  # [B, D] its encoder state (the router compares against it)
+    doc: torch.Tensor  # [B]
+    modality: torch.Tensor  # [B]
+    valid: torch.Tensor  # [B] bool (False: nothing came before)
+    segment_pos: torch.Tensor  # [B] its index inside its forced segment (fixed router)
+
+
+def _with_prev(x_BL: torch.Tensor, prev_B: Optional[torch.Tensor], fill) -> torch.Tensor:
+    """``x`` shifted right by one along L, the first slot taken from ``prev`` (or ``fill``)."""
+    first = torch.full_like(x_BL[:, :1], fill) if prev_B is None else prev_B[:, None].to(x_BL.dtype)
+    return torch.cat([first, x_BL[:, :-1]], 1)
+
+
+def forced_boundaries(doc_BL: torch.Tensor, valid_BL: torch.Tensor, modality_BL: torch.Tensor,
+                      prev: Optional[Previous] = None) -> torch.Tensor:
+    """True at the first real token of a row, document starts and modality changes
+    (image markers always), each judged against the token before (``prev`` for the
+    first token of a chunk during incremental decoding)."""
+    prev_doc = _with_prev(doc_BL, None if prev is None else prev.doc, -(2**31))
+    prev_mod = _with_prev(modality_BL, None if prev is None else prev.modality, -1)
+    prev_valid = _with_prev(valid_BL, None if prev is None else prev.valid, False)
     start = (doc_BL != prev_doc) | (modality_BL != prev_mod) | ~prev_valid | (modality_BL == MARKER)
     return start & valid_BL
 
 
-def segment_positions(forced_BL: torch.Tensor) -> torch.Tensor:
-    """Index of each token inside its forced segment (0 at every forced boundary)."""
+def segment_positions(forced_BL: torch.Tensor, prev_pos_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Index of each token inside its forced segment (0 at every forced boundary).
+
+    Tokens before the chunk's first forced boundary continue ``prev_pos + 1``.
+    """
     L = forced_BL.shape[1]
     t = torch.arange(L, device=forced_BL.device).expand_as(forced_BL)
     last_start = torch.where(forced_BL, t, torch.zeros_like(t)).cummax(dim=1).values
-    return t - last_start
+    pos = t - last_start
+    if prev_pos_B is not None:
+        continuing = torch.cumsum(forced_BL.long(), 1) == 0
+        pos = pos + continuing * (prev_pos_B[:, None] + 1)
+    return pos
 
 
 class ChunkRouter(nn.Module):
@@ -90,19 +118,20 @@ class ChunkRouter(nn.Module):
         elif cfg.router == "linear":
             self.score = nn.Linear(2 * d_model, 1, bias=True)
 
-    def forward(self, h_BLD: torch.Tensor, forced_BL: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+    def forward(self, h_BLD: torch.Tensor, forced_BL: torch.Tensor, modality_BL: torch.Tensor,
+                prev: Optional[Previous] = None) -> torch.Tensor:
         router = self.cfg.router
+        h_prev = _with_prev(h_BLD, None if prev is None else prev.h.to(h_BLD.dtype), 0.0) if router in (
+            "cosine", "linear") else None
         if router == "cosine":
             q = F.normalize(self.wq(h_BLD), dim=-1)
-            k = F.normalize(self.wk(h_BLD), dim=-1)
-            cos = (q[:, 1:] * k[:, :-1]).sum(-1)  # [B, L-1]
+            k = F.normalize(self.wk(h_prev), dim=-1)  # k_{t-1}; zeros before the first token
+            cos = (q * k).sum(-1)
             p = torch.clamp((1.0 - cos) / 2.0, 0.0, 1.0)
-            p = F.pad(p, (1, 0), value=1.0)
         elif router == "linear":
-            h_prev = F.pad(h_BLD, (0, 0, 1, 0))[:, :-1]
             p = torch.sigmoid(self.score(torch.cat([h_BLD, h_prev], -1)).squeeze(-1))
         elif router == "fixed":
-            pos = segment_positions(forced_BL).to(h_BLD.dtype)
+            pos = segment_positions(forced_BL, None if prev is None else prev.segment_pos).to(h_BLD.dtype)
             R = torch.where(modality_BL == IMAGE, self.cfg.target_ratio_image, self.cfg.target_ratio_text)
             p = (torch.floor(pos / R) != torch.floor((pos - 1) / R)).to(h_BLD.dtype)
         else:  # none

@@ -9,7 +9,10 @@ MoE's residual stream, which is what makes conversion from a plain MoE lossless.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 
 from .chunk import Chunks, gather_rows
 
@@ -41,14 +44,25 @@ def straight_through_one(conf: torch.Tensor) -> torch.Tensor:
     return 1.0 + conf - conf.detach()
 
 
-def dechunk(update_BMD: torch.Tensor, chunks: Chunks) -> torch.Tensor:
-    """Smooth concept updates with the EMA and hand ``z_{j(t)} * STE(conf_t)`` to each token."""
+def dechunk(update_BMD: torch.Tensor, chunks: Chunks,
+            z0_BD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth concept updates with the EMA and hand ``z_{j(t)} * STE(conf_t)`` to each token.
+
+    ``z0`` is the EMA state carried in from earlier tokens (incremental decoding); tokens
+    of the chunk that come before its first boundary still belong to that concept.
+    Returns the decoder's concept signal ``[B, L, D]`` and each row's final EMA state.
+    """
+    B, M, D = update_BMD.shape
     P_BM = gather_rows(chunks.prob_BL, chunks.pos_BM)
     # Padded concept slots come after the real ones, so their value never flows back;
     # P = 1 keeps the scan free of whatever they hold.
     P_BM = torch.where(chunks.valid_BM, P_BM, torch.ones_like(P_BM))
-    z_BMD = ema_scan(update_BMD, P_BM)
-    z_BLD = gather_rows(z_BMD, chunks.concept_of_BL)
+    # Slot 0 holds the carried state: with p = 1 the scan starts exactly from it.
+    z0 = update_BMD.new_zeros(B, 1, D) if z0_BD is None else z0_BD[:, None].to(update_BMD.dtype)
+    z_BMD = ema_scan(torch.cat([z0, update_BMD], 1), F.pad(P_BM, (1, 0), value=1.0))
+    concept_of = torch.cumsum(chunks.boundary_BL.long(), 1)  # 0 = the carried concept
+    z_BLD = gather_rows(z_BMD, concept_of)
+    last = torch.gather(z_BMD, 1, chunks.valid_BM.sum(1).view(B, 1, 1).expand(B, 1, D)).squeeze(1)
     p = chunks.prob_BL
     conf_BL = torch.where(chunks.boundary_BL, p, 1.0 - p)
-    return z_BLD * straight_through_one(conf_BL).unsqueeze(-1).to(z_BLD.dtype)
+    return z_BLD * straight_through_one(conf_BL).unsqueeze(-1).to(z_BLD.dtype), last

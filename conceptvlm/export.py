@@ -1,0 +1,119 @@
+"""Self-contained model directories: ``config.yaml`` + ``model.safetensors`` + tokenizer.
+
+``export_model`` works from any ZeRO stage and expert-parallel size (ZeRO-3 partitions
+are gathered, sharded experts all-gathered back into ``[E, ...]`` weights) and writes
+the keys of a plain :class:`ConceptVLM`. ``load_exported`` needs neither DeepSpeed nor
+a process group.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from .config import ModelConfig
+from .vlm import ConceptVLM, VLMConfig
+
+CONFIG = "config.yaml"
+WEIGHTS = "model.safetensors"
+
+
+def vlm_config_dict(cfg: VLMConfig) -> dict[str, Any]:
+    vision = cfg.vision
+    if vision is not None and not isinstance(vision, dict):
+        vision = asdict(vision)
+    if vision is not None:
+        vision = dict(vision, checkpoint=None)  # the weights travel in model.safetensors
+    return {"model": cfg.model.to_dict(), "vision": vision, "image_token_id": cfg.image_token_id,
+            "image_start_id": cfg.image_start_id, "image_end_id": cfg.image_end_id,
+            "image_positions": cfg.image_positions, "image_order": cfg.image_order}
+
+
+def vlm_config_from_dict(d: dict[str, Any]) -> VLMConfig:
+    d = dict(d)
+    d["model"] = ModelConfig.from_dict(d["model"])
+    return VLMConfig(**d)
+
+
+def _gathered(model: torch.nn.Module):
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective (every rank calls it): the plain ConceptVLM state dict, in float32 on CPU."""
+    from .expert_parallel import full_state_dict
+
+    with _gathered(model):
+        sd = full_state_dict(model)
+        return {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in sd.items()}
+
+
+def save_model_dir(state: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: str | Path, tokenizer=None,
+                   extra_files: Optional[dict[str, str]] = None) -> Path:
+    """Write a model directory atomically (temp dir, then rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG).write_text(yaml.safe_dump(vlm_config_dict(cfg), sort_keys=False))
+    save_file(state, str(tmp / WEIGHTS))
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def export_model(model: torch.nn.Module, cfg: VLMConfig, out_dir: str | Path, tokenizer=None,
+                 train_config_yaml: Optional[str] = None) -> Optional[Path]:
+    """Collective. ``model``: the (possibly DeepSpeed-wrapped or expert-parallel) ConceptVLM."""
+    model = getattr(model, "module", model)
+    state = full_model_state(model)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = None
+    if rank == 0:
+        extra = {"train_config.yaml": train_config_yaml} if train_config_yaml else None
+        path = save_model_dir(state, cfg, out_dir, tokenizer, extra)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+    """``(model, tokenizer)`` from an exported directory; the model is in eval mode.
+    The tokenizer is None when the directory holds none."""
+    from safetensors.torch import load_file
+
+    from .data import load_tokenizer
+
+    path = Path(path)
+    cfg = vlm_config_from_dict(yaml.safe_load((path / CONFIG).read_text()))
+    model = ConceptVLM(cfg)
+    state = load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("patch_order")]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device=device, dtype=dtype).eval()
+    try:
+        tok = load_tokenizer(path)
+    except FileNotFoundError:
+        tok = None
+    return model, tok

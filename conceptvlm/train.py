@@ -1,0 +1,456 @@
+"""Training under DeepSpeed: ``python -m conceptvlm.train --config FILE [key=value ...]``.
+
+The same module runs under the launcher (``deepspeed --num_gpus N --module
+conceptvlm.train --config FILE ...``) and in a plain process (the rendezvous variables
+are set to a single rank on a free port when absent; gloo on CPU). Per optimizer step:
+``grad_accum`` micro-batches, each ``engine(batch) -> engine.backward(loss) ->
+engine.step()``; DeepSpeed does ZeRO, clipping, accumulation and the LR schedule.
+
+Loss normalisation makes data-parallel runs equal one process on the global batch: the
+LM loss is weighted by each rank's share of the global label tokens, and the MoE
+balance/z losses use all-reduced statistics (``expert_parallel.py``). A non-finite loss
+(agreed across ranks) drops the micro-batch without a backward pass; after
+``train.max_nonfinite_in_row`` in a row the run stops with :class:`NonFiniteLossError`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+from .train_config import TrainConfig, load_train_config
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+# ----------------------------------------------------------------------------- setup
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo without CUDA)."""
+    if dist.is_initialized():
+        return
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    p = cfg.parallel.precision
+    if p == "bf16":
+        return True
+    return p == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """The JSON file with the run's batch, clipping and precision filled in; checks ZeRO-3 x EP."""
+    path = Path(cfg.parallel.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"parallel.deepspeed_config: file not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"parallel.deepspeed_config: {path} is not valid JSON: {e}") from None
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.parallel.zero_stage is not None:
+        zero["stage"] = cfg.parallel.zero_stage
+    stage = int(zero.get("stage", 0))
+    if stage == 3 and cfg.parallel.ep_size > 1:
+        raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} with ZeRO stage 3 is not supported: DeepSpeed "
+                          "refuses its MoE layers under ZeRO-3. Use ep_size=1 with ZeRO-3 (experts are then sharded "
+                          "as ordinary parameters) or ZeRO stage 0-2 for expert parallelism.")
+    if stage in (1, 2) and cfg.parallel.ep_size > 1:  # what DeepSpeed's ZeRO-1/2 MoE path requires
+        zero["contiguous_gradients"] = True
+        zero["reduce_scatter"] = True
+    micro = cfg.data.batch_size * cfg.data.virtual_ranks
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=cfg.optim.grad_accum,
+              train_batch_size=micro * cfg.optim.grad_accum * world_size, gradient_clipping=cfg.optim.grad_clip,
+              bf16={"enabled": use_bf16(cfg)}, fp16={"enabled": False})
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def build_model(cfg: TrainConfig, tokenizer):
+    """A ConceptVLM (text-only when ``vision`` is null) with the tokenizer's image ids."""
+    from .vlm import ConceptVLM, VLMConfig
+
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens")
+    vcfg = VLMConfig(model=cfg.model, vision=dict(cfg.vision) if cfg.vision is not None else None,
+                     image_token_id=tokenizer.image_id, image_start_id=tokenizer.image_start_id,
+                     image_end_id=tokenizer.image_end_id, **asdict(cfg.image))
+    model = ConceptVLM(vcfg)
+    if cfg.train.init_from:
+        from safetensors.torch import load_file
+
+        from .export import WEIGHTS
+
+        state = load_file(str(Path(cfg.train.init_from) / WEIGHTS))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.endswith("patch_order")] or unexpected:
+            raise ConfigError(f"train.init_from={cfg.train.init_from}: weights do not fit the model config "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model, vcfg
+
+
+def apply_freeze(model: torch.nn.Module, prefixes: Sequence[str]) -> int:
+    """``requires_grad=False`` for parameters whose name starts with any prefix; returns the count."""
+    names = [n for n, _ in model.named_parameters()]
+    for p in prefixes:
+        if not any(n.startswith(p) for n in names):
+            raise ConfigError(f"train.freeze: no parameter name starts with {p!r}")
+    n = 0
+    for name, param in model.named_parameters():
+        if any(name.startswith(p) for p in prefixes):
+            param.requires_grad_(False)
+            n += param.numel()
+    return n
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> int:
+    """Wrap every transformer block's forward in ``torch.utils.checkpoint`` (non-reentrant)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .block import Block
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Block):
+            def forward(*args, _orig=m.forward, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _orig(*args, **kwargs)
+                return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+
+            m.forward = forward
+            n += 1
+    return n
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine to ``min_lr_ratio`` at ``train.steps``."""
+    o, total = cfg.optim, cfg.train.steps
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    """Param groups (decay / no decay), split into expert groups with DeepSpeed's helper."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"name": "decay", "params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError("train.freeze leaves no trainable parameter")
+    if any(is_moe_param(p) for g in groups for p in g["params"]):
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+    o = cfg.optim
+    if o.name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    else:
+        opt = torch.optim.SGD(groups, lr=o.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return opt, sched
+
+
+def build_loaders(cfg: TrainConfig, tokenizer, model) -> list:
+    """One loader per virtual rank of this process (``data.virtual_ranks``, normally 1)."""
+    from .data import DataConfig, Source, build_loader
+
+    d = cfg.data
+    if not d.sources:
+        raise ConfigError("data.sources is empty")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    v = d.virtual_ranks
+    sources = [Source(s.shards, s.kind, s.weight, s.caption_prompt) for s in d.sources]
+    per_image = getattr(model, "image_tokens_per_image", 0) or 64
+    transform = getattr(model, "image_processor", None)
+    loaders = []
+    for i in range(v):
+        dcfg = DataConfig(seq_len=d.seq_len, batch_size=d.batch_size, image_tokens_per_image=per_image, seed=d.seed,
+                          shuffle_buffer=d.shuffle_buffer, shuffle_initial=d.shuffle_initial, resample=d.resample,
+                          num_workers=d.num_workers, long_docs=d.long_docs, rank=rank * v + i, world_size=world * v)
+        loaders.append(build_loader(sources, tokenizer, dcfg, image_transform=transform))
+    return loaders
+
+
+def _cat_batches(batches: list[dict]) -> dict:
+    if len(batches) == 1:
+        return batches[0]
+    out = {}
+    for k in batches[0]:
+        vals = [b[k] for b in batches if b.get(k) is not None]
+        out[k] = torch.cat(vals, 0) if vals and isinstance(vals[0], torch.Tensor) else batches[0][k]
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+def _micro_metrics(out, world: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Loss to back-propagate (DP token-weighted) and the step's global metrics."""
+    n_local = float(out.n_label_tokens)
+    mods = ("text", "image")
+    local = [n_local, float(out.lm_loss.detach()) * n_local, float(out.n_tokens), float(out.n_concepts),
+             float(out.ratio_loss.detach())]
+    for m in mods:
+        s = out.chunk_stats.get(m)
+        local += [float(s["tokens"]), float(s["boundaries"]), float(s["ratio_loss"]), 1.0] if s else [0.0] * 4
+    local.append(0.0 if torch.isfinite(out.loss.detach()) else 1.0)
+    t = torch.tensor(local, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    n_g = max(t[0].item(), 1.0)
+    lm = t[1].item() / n_g
+    ratio_mean = t[4].item() / world
+    loss = out.lm_loss * (n_local * world / n_g) + out.aux_loss
+    aux = float(out.aux_loss.detach()) - float(out.ratio_loss.detach()) + ratio_mean
+    m = {"lm_loss": lm, "aux_loss": aux, "loss": lm + aux, "balance_loss": float(out.balance_loss),
+         "z_loss": float(out.z_loss), "ratio_loss": ratio_mean, "tokens": t[2].item(), "concepts": t[3].item(),
+         "nonfinite": t[-1].item() > 0}
+    for i, name in enumerate(mods):
+        tok, bnd, rl, cnt = t[5 + 4 * i: 9 + 4 * i].tolist()
+        if tok > 0:
+            m[f"ratio/{name}"] = tok / max(bnd, 1.0)
+            m[f"boundary_rate/{name}"] = bnd / tok
+            m[f"ratio_loss/{name}"] = rl / max(cnt, 1.0)
+    m["_counts"] = [c.detach().cpu().tolist() for c in out.expert_counts]
+    return loss, m
+
+
+def _reduce_step(micro: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    keys = [k for k in micro[0] if not k.startswith("_") and k not in ("nonfinite", "tokens", "concepts")]
+    for k in keys:
+        vals = [m[k] for m in micro if k in m]
+        out[k] = sum(vals) / len(vals)
+    out["tokens"] = sum(m["tokens"] for m in micro)
+    out["concepts"] = sum(m["concepts"] for m in micro)
+    counts = [list(map(sum, zip(*layer))) for layer in zip(*[m["_counts"] for m in micro])]
+    from .logging_utils import expert_load_summary
+
+    out.update(expert_load_summary(counts))
+    return out
+
+
+def _skipped_counters(loaders: list) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for ld in loaders:
+        for k, v in ld.counters.as_dict().items():
+            total[k] = total.get(k, 0) + v
+    if dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, total)
+        total = {}
+        for p in parts:
+            for k, v in p.items():
+                total[k] = total.get(k, 0) + v
+    return {k: v for k, v in total.items() if k.startswith("skipped/")}
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> dict:
+    """Run (or resume) training; returns ``{"steps", "losses", "out_dir", "stopped"}``.
+
+    ``loss_hook(step, loss) -> loss`` may replace the loss before the finiteness check
+    (fault-injection in tests).
+    """
+    import deepspeed
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .data import load_tokenizer
+    from .expert_parallel import parallelize_moe
+    from .export import export_model
+    from .logging_utils import MetricLogger
+
+    ds_cfg = deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # config errors before any work
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds_cfg = deepspeed_config(cfg, world)
+    if world % cfg.parallel.ep_size:
+        raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} must divide the world size {world}")
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model, vcfg = build_model(cfg, tokenizer)
+    apply_freeze(model, cfg.train.freeze)
+    parallelize_moe(model, cfg.parallel.ep_size)
+    if cfg.parallel.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    opt, sched = build_optimizer(cfg, model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg,
+                                           dist_init_required=False)
+    torch.manual_seed(cfg.train.seed + 1 + rank)  # per-rank sampling (chunk router) stream
+    loaders = build_loaders(cfg, tokenizer, engine.module)
+
+    out_dir = Path(cfg.train.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    resolved = _yaml(cfg)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "config.yaml").write_text(resolved)
+        (out_dir / "config.yaml").write_text(resolved)
+
+    step, nonfinite_total = 0, 0
+    if cfg.train.resume:
+        st = load_checkpoint(engine, ckpt_dir)
+        if st is not None:
+            step, nonfinite_total = st["step"], st.get("nonfinite_total", 0)
+            for ld, s in zip(loaders, st["data"]):
+                ld.load_state_dict(s)
+    iters = [iter(ld) for ld in loaders]
+    device = engine.device
+    log = MetricLogger(out_dir, cfg.train.steps, step, enabled=rank == 0, tensorboard=cfg.train.tensorboard,
+                       progress=cfg.train.progress)
+    gas = cfg.optim.grad_accum
+    losses: list[float] = []
+    in_row, stopped = 0, None
+    lm = engine.module.lm if hasattr(engine.module, "lm") else engine.module
+    R_text, R_image = lm.config.chunk.target_ratio_text, lm.config.chunk.target_ratio_image
+
+    def trainer_state() -> dict:
+        return {"data": [ld.state_dict() for ld in loaders], "nonfinite_total": nonfinite_total}
+
+    try:
+        while step < cfg.train.steps:
+            if cfg.ratio_schedule.enabled:
+                frac = min(1.0, step / cfg.ratio_schedule.steps)
+                s0 = cfg.ratio_schedule.start
+                lm.config.chunk.target_ratio_text = s0 + (R_text - s0) * frac
+                lm.config.chunk.target_ratio_image = s0 + (R_image - s0) * frac
+            t0 = time.perf_counter()
+            micro: list[dict] = []
+            while len(micro) < gas:
+                batch = _cat_batches([next(it) for it in iters])
+                images = batch.get("images")
+                out = engine(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
+                             doc_ids=batch["doc_ids"].to(device),
+                             images=images.to(device) if images is not None and images.numel() else None)
+                if loss_hook is not None:
+                    out.loss = loss_hook(step, out.loss)
+                    out.lm_loss = out.loss - out.aux_loss
+                loss, m = _micro_metrics(out, world)
+                if m["nonfinite"]:
+                    nonfinite_total += 1
+                    in_row += 1
+                    log.message(f"step {step}: non-finite loss, micro-batch skipped ({in_row} in a row)")
+                    if in_row >= cfg.train.max_nonfinite_in_row:
+                        raise NonFiniteLossError(
+                            f"stopping: {in_row} non-finite losses in a row at step {step} "
+                            f"(train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); "
+                            "lower optim.lr, raise optim.warmup_steps or check the data")
+                    continue
+                in_row = 0
+                engine.backward(loss)
+                engine.step()
+                micro.append(m)
+            step += 1
+            dt = time.perf_counter() - t0
+            metrics = _reduce_step(micro)
+            losses.append(metrics["loss"])
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                gn = engine.get_global_grad_norm()
+                metrics.update(lr=sched.get_last_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"),
+                               tokens_per_s=metrics["tokens"] / dt, concepts_per_s=metrics["concepts"] / dt,
+                               nonfinite_skipped=nonfinite_total, step_time_s=dt, **_skipped_counters(loaders))
+                if cfg.ratio_schedule.enabled:
+                    metrics["target_ratio/text"] = lm.config.chunk.target_ratio_text
+                log.log(step, metrics)
+            log.advance()
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+                save_checkpoint(engine, ckpt_dir, step, trainer_state(), cfg.train.keep_last)
+        save_checkpoint(engine, ckpt_dir, step, trainer_state(), cfg.train.keep_last)
+        if cfg.train.export_at_end:
+            export_model(engine.module, vcfg, out_dir / "export", tokenizer, resolved)
+    finally:
+        log.close()
+    return {"steps": step, "losses": losses, "out_dir": str(out_dir), "stopped": stopped}
+
+
+def _yaml(cfg: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", required=True, help="train YAML (configs/train/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 parallel.ep_size=2")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        last = f"{result['losses'][-1]:.4f}" if result["losses"] else "n/a"
+        print(f"trained to step {result['steps']} (last loss {last}); outputs in {result['out_dir']}")
+    return 0
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``conceptvlm train`` (sets ``func``)."""
+    p = subparsers.add_parser("train", help="train under DeepSpeed (also runs under the deepspeed launcher)")
+    _configure_parser(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _configure_parser(argparse.ArgumentParser(prog="conceptvlm.train", description=__doc__.splitlines()[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

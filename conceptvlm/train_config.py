@@ -1,0 +1,213 @@
+"""Training configuration: nested dataclasses filled from YAML plus ``key=value`` overrides.
+
+OmegaConf's structured configs do the merging (unknown keys and wrong types fail with
+the key's name); value checks live in ``__post_init__``. ``load_train_config`` runs all
+of it before any model, data or process group is touched, so a typo costs nothing.
+
+A train YAML looks like::
+
+    model_file: configs/model/tiny.yaml   # base ModelConfig (optional)
+    model: {chunk: {router: none}}        # merged over the base
+    vision: null                          # or a VisionConfig mapping -> ConceptVLM with a tower
+    data: {sources: [{shards: "shards/text-{000000..000003}.tar", kind: text}], seq_len: 128, batch_size: 4}
+    optim: {lr: 3e-3, warmup_steps: 10}
+    parallel: {deepspeed_config: configs/deepspeed/zero1.json, ep_size: 1}
+    train: {steps: 100, out_dir: runs/tiny}
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ConfigError, ModelConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class SourceConfig:
+    shards: Any = "???"  # a shard spec string or a list of them (data/shards.py)
+    kind: str = "text"  # caption | vqa | grounding | interleaved | text
+    weight: float = 1.0
+    caption_prompt: Optional[str] = None
+
+
+@dataclass
+class DataSection:
+    sources: list[SourceConfig] = field(default_factory=list)
+    tokenizer: Optional[str] = None  # tokenizer.json / folder; None = byte-level default
+    seq_len: int = 256
+    batch_size: int = 4  # packed rows per micro-batch per rank
+    seed: int = 0
+    shuffle_buffer: int = 100
+    shuffle_initial: int = 20
+    resample: bool = True  # endless stream: steps, not epochs, end training
+    num_workers: int = 0
+    long_docs: str = "split"
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        _check(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        _check(len(self.betas) == 2, f"optim.betas must have 2 values, got {self.betas}")
+
+
+@dataclass
+class ParallelConfig:
+    deepspeed_config: str = "configs/deepspeed/zero1.json"
+    zero_stage: Optional[int] = None  # overrides the JSON's zero_optimization.stage
+    ep_size: int = 1  # expert-parallel group size (ZeRO 0-2 only)
+    precision: str = "auto"  # auto: bf16 where CUDA has it, else fp32
+    activation_checkpointing: bool = False  # torch.utils.checkpoint around every block
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage is None or self.zero_stage in (0, 1, 2, 3),
+               f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(self.ep_size >= 1, f"parallel.ep_size must be >= 1, got {self.ep_size}")
+        _check(self.precision in PRECISIONS, f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclass
+class RatioSchedule:
+    """Target ratio moved from ``start`` to the model's R over ``steps`` (continual training)."""
+
+    enabled: bool = False
+    start: float = 1.05  # just above 1: the ratio loss has R/(R-1)
+    steps: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(self.start > 1.0, f"ratio_schedule.start must be > 1, got {self.start}")
+        _check(self.steps >= 1, f"ratio_schedule.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100  # optimizer steps
+    seed: int = 0
+    out_dir: str = "runs/train"
+    init_from: Optional[str] = None  # an exported or converted model dir to start from
+    resume: bool = True  # continue from out_dir/checkpoints/latest if it exists
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept (0 = all)
+    log_every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes (e.g. "lm.", "tower.")
+    max_nonfinite_in_row: int = 3  # stop after this many skipped non-finite steps in a row
+    export_at_end: bool = False  # write out_dir/export (config + safetensors + tokenizer)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.save_every >= 0, f"train.save_every must be >= 0, got {self.save_every}")
+        _check(self.keep_last >= 0, f"train.keep_last must be >= 0, got {self.keep_last}")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.max_nonfinite_in_row >= 1, f"train.max_nonfinite_in_row must be >= 1, got {self.max_nonfinite_in_row}")
+
+
+@dataclass
+class ImageOptions:
+    image_positions: str = "1d"
+    image_order: str = "raster"
+
+
+@dataclass
+class TrainConfig:
+    model_file: Optional[str] = None  # a ModelConfig YAML used as the base of `model`
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vision: Optional[Any] = None  # VisionConfig mapping; None = text-only ConceptVLM
+    image: ImageOptions = field(default_factory=ImageOptions)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ratio_schedule: RatioSchedule = field(default_factory=RatioSchedule)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        if self.vision is not None:
+            from .vision import VisionConfig
+
+            try:
+                VisionConfig(**dict(self.vision))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"bad config key vision: {e}") from None
+        _check(self.model.moe.n_experts % self.parallel.ep_size == 0,
+               f"parallel.ep_size={self.parallel.ep_size} must divide model.moe.n_experts={self.model.moe.n_experts}")
+        for s in self.data.sources:
+            _check(s.shards not in (None, "", "???"), "data.sources[*].shards is required")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_train_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                      data: Optional[dict] = None) -> TrainConfig:
+    """YAML file (or a mapping) + ``key=value`` overrides -> a validated :class:`TrainConfig`.
+
+    ``model_file`` (in the YAML or an override) is loaded first and the ``model`` section
+    merged over it. Every problem raises :class:`ConfigError` naming the key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"train config not found: {path}")
+            raw = OmegaConf.load(path)
+        else:
+            raw = OmegaConf.create(data or {})
+        for o in overrides or []:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r} is not key=value")
+        if overrides:
+            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+        if not isinstance(raw, type(OmegaConf.create({}))):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        model_file = raw.get("model_file")
+        if model_file:
+            if not Path(model_file).is_file():
+                raise ConfigError(f"model_file not found: {model_file}")
+            base = OmegaConf.load(model_file)
+            raw = OmegaConf.merge(raw, {"model": OmegaConf.merge(base, raw.get("model") or {})})
+        container = OmegaConf.to_container(raw, resolve=True)
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad config key {key}: {msg}" if key else f"bad config: {msg}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
