@@ -198,7 +198,7 @@ def build_loaders(cfg: TrainConfig, tokenizer, model) -> list:
     rank, world = dist.get_rank(), dist.get_world_size()
     v = d.virtual_ranks
     sources = [Source(s.shards, s.kind, s.weight, s.caption_prompt) for s in d.sources]
-    per_image = getattr(model, "image_tokens_per_image", 0) or 64
+    per_image = getattr(model, "image_tokens_per_image", 0) or 1  # text-only: no image blocks
     transform = getattr(model, "image_processor", None)
     loaders = []
     for i in range(v):
@@ -207,6 +207,17 @@ def build_loaders(cfg: TrainConfig, tokenizer, model) -> list:
                           num_workers=d.num_workers, long_docs=d.long_docs, rank=rank * v + i, world_size=world * v)
         loaders.append(build_loader(sources, tokenizer, dcfg, image_transform=transform))
     return loaders
+
+
+def next_batch(iters: list) -> dict:
+    """The next micro-batch (rows of every virtual rank concatenated). The global torch RNG
+    is left untouched: a DataLoader draws its base seed from it when an iterator starts,
+    which would shift the chunk router's sampling after a resume."""
+    state = torch.get_rng_state()
+    try:
+        return _cat_batches([next(it) for it in iters])
+    finally:
+        torch.set_rng_state(state)
 
 
 def _cat_batches(batches: list[dict]) -> dict:
@@ -238,8 +249,8 @@ def _micro_metrics(out, world: int) -> tuple[torch.Tensor, dict[str, Any]]:
     ratio_mean = t[4].item() / world
     loss = out.lm_loss * (n_local * world / n_g) + out.aux_loss
     aux = float(out.aux_loss.detach()) - float(out.ratio_loss.detach()) + ratio_mean
-    m = {"lm_loss": lm, "aux_loss": aux, "loss": lm + aux, "balance_loss": float(out.balance_loss),
-         "z_loss": float(out.z_loss), "ratio_loss": ratio_mean, "tokens": t[2].item(), "concepts": t[3].item(),
+    m = {"lm_loss": lm, "aux_loss": aux, "loss": lm + aux, "balance_loss": float(out.balance_loss.detach()),
+         "z_loss": float(out.z_loss.detach()), "ratio_loss": ratio_mean, "tokens": t[2].item(), "concepts": t[3].item(),
          "nonfinite": t[-1].item() > 0}
     for i, name in enumerate(mods):
         tok, bnd, rl, cnt = t[5 + 4 * i: 9 + 4 * i].tolist()
@@ -296,7 +307,14 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
     from .export import export_model
     from .logging_utils import MetricLogger
 
+    from .data.shards import expand_shards
+
     ds_cfg = deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # config errors before any work
+    for i, s in enumerate(cfg.data.sources):
+        try:
+            expand_shards(s.shards)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.sources[{i}].shards: {e}") from None
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -354,7 +372,7 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
             t0 = time.perf_counter()
             micro: list[dict] = []
             while len(micro) < gas:
-                batch = _cat_batches([next(it) for it in iters])
+                batch = next_batch(iters)
                 images = batch.get("images")
                 out = engine(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
                              doc_ids=batch["doc_ids"].to(device),
@@ -431,7 +449,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         if dist.is_initialized():
-            dist.barrier()
             dist.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         last = f"{result['losses'][-1]:.4f}" if result["losses"] else "n/a"

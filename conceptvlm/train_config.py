@@ -51,8 +51,12 @@ class DataSection:
     resample: bool = True  # endless stream: steps, not epochs, end training
     num_workers: int = 0
     long_docs: str = "split"
+    # Read the data as this many consecutive ranks would and concatenate their rows: one
+    # process then sees exactly the global batch of a `virtual_ranks`-rank run.
+    virtual_ranks: int = 1
 
     def __post_init__(self) -> None:
+        _check(self.virtual_ranks >= 1, f"data.virtual_ranks must be >= 1, got {self.virtual_ranks}")
         _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .chunk import IMAGE, MARKER, TEXT
 from .config import ConfigError, ModelConfig
-from .model import IGNORE_INDEX, ConceptMoE, ModelOutput, positions_in_document
+from .model import IGNORE_INDEX, ConceptMoE, InferenceState, ModelOutput, positions_in_document
 
 IMAGE_POSITIONS = ("1d", "2d")
 IMAGE_ORDERS = ("raster", "hilbert")
@@ -40,9 +40,9 @@ class VLMConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     vision: Optional[Any] = None  # conceptvlm.vision.VisionConfig, or None for text only
-    image_token_id: int = 257  # defaults: conceptvlm.data.tokenizer.ByteTokenizer's ids
-    image_start_id: int = 258
-    image_end_id: int = 259
+    image_token_id: int = 259  # defaults: conceptvlm.data.ByteTokenizer's ids (see with_tokenizer)
+    image_start_id: int = 260
+    image_end_id: int = 261
     image_positions: str = "1d"
     image_order: str = "raster"
 
@@ -60,6 +60,17 @@ class VLMConfig:
         ids = (self.image_token_id, self.image_start_id, self.image_end_id)
         if len(set(ids)) != 3 or not all(0 <= i < self.model.vocab_size for i in ids):
             raise ConfigError(f"image token ids {ids} must be distinct and inside vocab_size={self.model.vocab_size}")
+
+    def with_tokenizer(self, tokenizer) -> "VLMConfig":
+        """Take the image token ids from ``tokenizer``; its vocabulary must fit the model's."""
+        if tokenizer.vocab_size > self.model.vocab_size:
+            raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
+                              f"{self.model.vocab_size}; raise model.vocab_size")
+        self.image_token_id = tokenizer.image_id
+        self.image_start_id = tokenizer.image_start_id
+        self.image_end_id = tokenizer.image_end_id
+        self.__post_init__()
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "VLMConfig":
@@ -167,8 +178,13 @@ class ConceptVLM(nn.Module):
         return torch.stack([row, col], -1)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                doc_ids: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None) -> ModelOutput:
-        """Interleaved rows ``input_ids [B, L]`` with ``images [N, 3, H, W]`` in row-major order."""
+                doc_ids: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+                use_cache: bool = False, state: Optional[InferenceState] = None) -> ModelOutput:
+        """Interleaved rows ``input_ids [B, L]`` with ``images [N, 3, H, W]`` in row-major order.
+
+        ``use_cache`` / ``state`` work as in :meth:`ConceptMoE.forward` (a prompt with its
+        images as the prefill, then text tokens one at a time).
+        """
         mod = self.modality(input_ids)
         is_img = mod == IMAGE
         n_slots = int(is_img.sum())
@@ -187,7 +203,10 @@ class ConceptVLM(nn.Module):
             labels = torch.where(mod == TEXT, labels, torch.full_like(labels, IGNORE_INDEX))
         dev = input_ids.device
         doc = torch.zeros_like(input_ids) if doc_ids is None else doc_ids.to(dev)
-        pos = positions_in_document(doc, doc >= 0)
+        pos = None
         if self.config.image_positions == "2d" and self.tower is not None:
-            pos = self.image_positions(pos, mod)
-        return self.lm(labels=labels, doc_ids=doc, modality=mod, positions=pos, inputs_embeds=emb)
+            prev = None if state is None else state.prev
+            pos1d = positions_in_document(doc, doc >= 0, prev, None if state is None else state.next_pos)
+            pos = self.image_positions(pos1d, mod)
+        return self.lm(labels=labels, doc_ids=doc, modality=mod, positions=pos, inputs_embeds=emb,
+                       use_cache=use_cache, state=state)
