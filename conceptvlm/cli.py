@@ -39,17 +39,22 @@ def _register_bench(sub: "argparse._SubParsersAction") -> "argparse._SubParsersA
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import __version__
+    from . import flops
+    from .bench import inference as inference_bench
     from .data import bench as data_bench
     from .data import cli as data_cli
     from .eval import cli as eval_cli
 
-    parser = argparse.ArgumentParser(prog="conceptvlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="conceptvlm", description="ConceptVLM: vision-language MoE models whose language backbone runs on concepts")
     parser.add_argument("--version", action="version", version=f"conceptvlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench_kinds = _register_bench(sub)
     eval_cli.register(sub)
     data_cli.register(sub)
     data_bench.register_bench(bench_kinds)
+    inference_bench.register_bench(bench_kinds)
+    flops.register(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

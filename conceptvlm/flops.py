@@ -1,0 +1,546 @@
+"""Compute accounting: parameters, activated FLOPs, attention-map FLOPs, KV-cache bytes.
+
+Everything is computed from a :class:`ModelConfig` alone (no weights); the counts are
+checked against a model built on the meta device (:func:`built_parameter_counts`).
+
+Definitions (per token, batch 1):
+
+* **parts** of the parameters: ``embedding`` (input table), ``lm_head`` (0 when tied),
+  ``attention`` (wq wk wv wo), ``joint_projectors`` (uq uk uv of the decoder),
+  ``moe_router`` (expert gate), ``experts`` (routed SwiGLU experts), ``shared_experts``,
+  ``chunk_router`` (the chunk module), ``concept_projections`` (proj_in / proj_out of a
+  widened concept model) and ``norms``.
+* **activated** parameters: the weights one token touches: top-k of the routed experts,
+  everything else whole. Concept-model weights count once even when looped.
+* **linear FLOPs per token** = ``2 x`` activated params of every matmul a token runs
+  (the embedding lookup and the norms are not matmuls and count 0; ``lm_head`` counts).
+  The concept model runs once per *concept*: its part is scaled by ``1/R``, and its
+  layers (not the projections) by ``loops``. With router ``none``, ``R = 1``.
+* **attention-map FLOPs** of a causal prefill of length L: ``QK^T`` and ``AV`` over the
+  ``L(L+1)/2`` unmasked pairs, ``2 x 2 x n_heads x head_dim`` per pair per layer;
+  token-level layers at L, concept layers at ``M ~ L/R`` (x loops).
+* **KV-cache bytes**: ``2 x n_kv_heads x head_dim x length x dtype_bytes`` per layer;
+  token-level layers hold L entries, each concept layer (x loops: every loop has its
+  own cache) holds M. Same keys as ``InferenceState.kv_bytes()``.
+
+The paper matches *activated FLOPs excluding the attention map* and *total parameters*
+between a baseline MoE and ConceptMoE (:func:`match_compute`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .config import ModelConfig
+
+PARTS = ("embedding", "lm_head", "attention", "joint_projectors", "moe_router", "experts",
+         "shared_experts", "chunk_router", "concept_projections", "norms")
+NOT_MATMUL = ("embedding", "norms")  # parts that cost no linear-layer FLOPs
+STRATEGIES = ("topk", "loops", "width")
+
+
+# ----------------------------------------------------------------------------- helpers
+def effective_ratio(cfg: ModelConfig, ratio: Optional[float] = None) -> float:
+    """Tokens per concept: 1 for router ``none``, else ``ratio`` (default the text target)."""
+    if cfg.chunk.router == "none":
+        return 1.0
+    return float(ratio if ratio is not None else cfg.chunk.target_ratio_text)
+
+
+def fixed_router_concepts(length: int, ratio: float) -> int:
+    """Concepts the ``fixed`` router makes in one document of ``length`` tokens:
+    a boundary where ``floor(pos / R)`` changes, i.e. ``floor((L-1)/R) + 1``."""
+    return 0 if length <= 0 else int(math.floor((length - 1) / ratio)) + 1
+
+
+def n_concepts(cfg: ModelConfig, length: int, ratio: Optional[float] = None) -> float:
+    """Concepts for ``length`` tokens: exact for ``none``/``fixed``, ``L/R`` otherwise."""
+    R = effective_ratio(cfg, ratio)
+    if cfg.chunk.router == "none":
+        return float(length)
+    if cfg.chunk.router == "fixed":
+        return float(fixed_router_concepts(length, R))
+    return length / R
+
+
+def _zeros() -> dict[str, float]:
+    return {p: 0 for p in PARTS}
+
+
+def _block(d: int, n_heads: int, n_kv: int, n_experts: int, top_k: int, hidden: int, n_shared: int,
+           joint: bool) -> tuple[dict, dict]:
+    """(total, activated) parameters of one :class:`conceptvlm.block.Block`, by part."""
+    hd = d // n_heads
+    q, kv = n_heads * hd, n_kv * hd
+    tot, act = _zeros(), _zeros()
+    tot["attention"] = d * q + 2 * d * kv + q * d
+    tot["joint_projectors"] = (d * q + 2 * d * kv) if joint else 0
+    tot["norms"] = 2 * d + (d if joint else 0)
+    tot["moe_router"] = d * n_experts
+    tot["experts"] = 3 * n_experts * d * hidden
+    tot["shared_experts"] = 3 * d * hidden * n_shared
+    act.update(tot)
+    act["experts"] = 3 * top_k * d * hidden
+    return tot, act
+
+
+def _add(acc: dict, part: dict, times: float = 1.0) -> None:
+    for k, v in part.items():
+        acc[k] += v * times
+
+
+def _stages(cfg: ModelConfig) -> dict[str, dict[str, dict]]:
+    """Per stage (``token``: embedding, encoder, chunk router, decoder, head;
+    ``concept_layers``: one pass of the concept layers; ``concept_io``: proj in/out),
+    the ``total`` and ``activated`` parameters by part."""
+    m, d, V = cfg.moe, cfg.d_model, cfg.vocab_size
+    out = {s: {"total": _zeros(), "activated": _zeros()} for s in ("token", "concept_layers", "concept_io")}
+    tok = out["token"]
+    for k in ("total", "activated"):
+        tok[k]["embedding"] = V * d
+        tok[k]["lm_head"] = 0 if cfg.tie_embeddings else V * d
+        tok[k]["norms"] = d  # final norm
+        tok[k]["chunk_router"] = {"cosine": 2 * d * d, "linear": 2 * d + 1}.get(cfg.chunk.router, 0)
+    enc = _block(d, cfg.n_heads, cfg.n_kv_heads, m.n_experts, m.top_k, m.expert_hidden, m.n_shared_experts, False)
+    dec = _block(d, cfg.n_heads, cfg.n_kv_heads, m.n_experts, m.top_k, m.expert_hidden, m.n_shared_experts,
+                 cfg.joint_decoding)
+    for i, k in enumerate(("total", "activated")):
+        _add(tok[k], enc[i], cfg.n_encoder_layers)
+        _add(tok[k], dec[i], cfg.n_decoder_layers)
+    dc = cfg.concept_d_model
+    con = _block(dc, cfg.concept_n_heads, cfg.concept_n_kv_heads, m.n_experts, cfg.concept_top_k,
+                 cfg.concept_expert_hidden, m.n_shared_experts, False)
+    for i, k in enumerate(("total", "activated")):
+        _add(out["concept_layers"][k], con[i], cfg.n_concept_layers)
+        out["concept_io"][k]["concept_projections"] = 2 * d * dc if dc != d else 0
+    return out
+
+
+# ---------------------------------------------------------------------- parameters
+@dataclass
+class ParamCounts:
+    """Parameters by part (see module docstring); ``concept_*`` is the concept model's share."""
+
+    total: dict[str, int]
+    activated: dict[str, int]
+    concept_total: dict[str, int]
+    concept_activated: dict[str, int]
+
+    @property
+    def n_total(self) -> int:
+        return sum(self.total.values())
+
+    @property
+    def n_activated(self) -> int:
+        return sum(self.activated.values())
+
+    @property
+    def n_activated_non_embedding(self) -> int:
+        """Activated parameters excluding the input embedding and the LM head."""
+        return self.n_activated - self.activated["embedding"] - self.activated["lm_head"]
+
+
+def parameter_counts(cfg: ModelConfig) -> ParamCounts:
+    """Total and activated parameters of the model ``cfg`` builds, by part."""
+    st = _stages(cfg)
+    res = {}
+    for k in ("total", "activated"):
+        whole, conc = _zeros(), _zeros()
+        for s in st:
+            _add(whole, st[s][k])
+        _add(conc, st["concept_layers"][k])
+        _add(conc, st["concept_io"][k])
+        res[k] = ({p: int(v) for p, v in whole.items()}, {p: int(v) for p, v in conc.items()})
+    return ParamCounts(res["total"][0], res["activated"][0], res["total"][1], res["activated"][1])
+
+
+def _part_of(name: str) -> str:
+    if name == "embed.weight":
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "lm_head"
+    if name.startswith("router."):
+        return "chunk_router"
+    if name.startswith(("concept_model.proj_in", "concept_model.proj_out")):
+        return "concept_projections"
+    if "norm" in name.split(".")[-2]:
+        return "norms"
+    if re.search(r"\.attn\.u[qkv]\.", name):
+        return "joint_projectors"
+    if ".attn." in name:
+        return "attention"
+    if ".moe.router." in name:
+        return "moe_router"
+    if ".moe.experts." in name:
+        return "experts"
+    if ".moe.shared." in name:
+        return "shared_experts"
+    raise KeyError(f"no accounting part for parameter {name!r}")
+
+
+def built_parameter_counts(cfg: ModelConfig, device: str = "meta") -> dict[str, int]:
+    """Build ``ConceptMoE(cfg)`` (on the meta device: no memory, any size) and sum
+    ``numel`` of its parameters by part; tied weights count once."""
+    import torch
+
+    from .model import ConceptMoE
+
+    with torch.device(device):
+        model = ConceptMoE(cfg)
+    counts = {p: 0 for p in PARTS}
+    for name, p in model.named_parameters():  # deduplicates tied parameters
+        counts[_part_of(name)] += p.numel()
+    return counts
+
+
+# ------------------------------------------------------------------------- FLOPs
+def linear_flops_per_token(cfg: ModelConfig, ratio: Optional[float] = None) -> dict[str, float]:
+    """Activated linear-layer FLOPs per token, by part, plus ``concept_model`` (its share)
+    and ``all``. Concept-model parts are scaled by ``1/R`` (and its layers by ``loops``)."""
+    R = effective_ratio(cfg, ratio)
+    st = _stages(cfg)
+    flops = _zeros()
+    _add(flops, st["token"]["activated"], 2.0)
+    conc = _zeros()
+    _add(conc, st["concept_layers"]["activated"], 2.0 * cfg.concept.loops / R)
+    _add(conc, st["concept_io"]["activated"], 2.0 / R)
+    _add(flops, conc)
+    for p in NOT_MATMUL:
+        flops[p] = 0.0
+        conc[p] = 0.0
+    flops = {p: float(v) for p, v in flops.items()}
+    flops["concept_model"] = float(sum(conc.values()))
+    flops["all"] = float(sum(flops[p] for p in PARTS))
+    return flops
+
+
+def _attn_width(cfg: ModelConfig, concept: bool) -> tuple[int, int, int]:
+    """(n_heads, n_kv_heads, head_dim) of token-level or concept layers."""
+    if concept:
+        return cfg.concept_n_heads, cfg.concept_n_kv_heads, cfg.concept_d_model // cfg.concept_n_heads
+    return cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads
+
+
+def attention_map_flops(cfg: ModelConfig, length: int, ratio: Optional[float] = None,
+                        concepts: Optional[float] = None) -> dict[str, float]:
+    """FLOPs of ``QK^T`` and ``AV`` for a causal prefill of ``length`` tokens (batch 1):
+    ``{"token_layers", "concept_layers", "all"}``. ``concepts`` overrides ``M``."""
+    M = n_concepts(cfg, length, ratio) if concepts is None else concepts
+    h, _, hd = _attn_width(cfg, False)
+    hc, _, hdc = _attn_width(cfg, True)
+    tok = (cfg.n_encoder_layers + cfg.n_decoder_layers) * 4.0 * h * hd * length * (length + 1) / 2
+    con = cfg.n_concept_layers * cfg.concept.loops * 4.0 * hc * hdc * M * (M + 1) / 2
+    return {"token_layers": tok, "concept_layers": con, "all": tok + con}
+
+
+def prefill_flops(cfg: ModelConfig, length: int, ratio: Optional[float] = None) -> dict[str, float]:
+    """Linear + attention-map FLOPs of a prefill of ``length`` tokens (batch 1)."""
+    lin = linear_flops_per_token(cfg, ratio)["all"] * length
+    att = attention_map_flops(cfg, length, ratio)["all"]
+    return {"linear": lin, "attention_map": att, "all": lin + att}
+
+
+def kv_cache_bytes(cfg: ModelConfig, length: int, ratio: Optional[float] = None, dtype_bytes: int = 4,
+                   batch: int = 1, concepts: Optional[float] = None) -> dict[str, float]:
+    """KV cache held after ``length`` tokens: ``{"encoder", "concept", "decoder", "total"}``
+    (the keys of ``InferenceState.kv_bytes()``). ``concepts`` overrides ``M``."""
+    M = n_concepts(cfg, length, ratio) if concepts is None else concepts
+    _, kv, hd = _attn_width(cfg, False)
+    _, kvc, hdc = _attn_width(cfg, True)
+    per_tok = 2 * batch * kv * hd * dtype_bytes
+    out = {"encoder": cfg.n_encoder_layers * per_tok * length,
+           "concept": cfg.n_concept_layers * cfg.concept.loops * 2 * batch * kvc * hdc * dtype_bytes * M,
+           "decoder": cfg.n_decoder_layers * per_tok * length}
+    out["total"] = out["encoder"] + out["concept"] + out["decoder"]
+    return out
+
+
+def decode_step_flops(cfg: ModelConfig, context: int, ratio: Optional[float] = None) -> float:
+    """Average FLOPs of one decode step at ``context`` cached tokens: linear FLOPs per token
+    plus one query's attention; the concept model runs on a ``1/R`` share of the steps
+    over ``context/R`` cached concepts."""
+    R = effective_ratio(cfg, ratio)
+    h, _, hd = _attn_width(cfg, False)
+    hc, _, hdc = _attn_width(cfg, True)
+    att = (cfg.n_encoder_layers + cfg.n_decoder_layers) * 4.0 * h * hd * context
+    att += cfg.n_concept_layers * cfg.concept.loops * 4.0 * hc * hdc * (context / R) / R
+    return linear_flops_per_token(cfg, R)["all"] + att
+
+
+def decode_step_bytes(cfg: ModelConfig, context: int, ratio: Optional[float] = None,
+                      dtype_bytes: int = 4) -> dict[str, float]:
+    """Average bytes read per decode step (batch 1): the activated weights (concept-model
+    weights on a ``1/R`` share of the steps, once per loop) and the KV cache of every
+    layer that runs (concept layers hold ``context/R`` entries)."""
+    R = effective_ratio(cfg, ratio)
+    st = _stages(cfg)
+    matmul = lambda d: sum(v for p, v in d.items() if p != "embedding")  # noqa: E731 (one row is read)
+    w = matmul(st["token"]["activated"])
+    w += (cfg.concept.loops * matmul(st["concept_layers"]["activated"]) + matmul(st["concept_io"]["activated"])) / R
+    kv = kv_cache_bytes(cfg, context, R, dtype_bytes, concepts=context / R)
+    kv_read = kv["encoder"] + kv["decoder"] + kv["concept"] / R
+    return {"weights": w * dtype_bytes, "kv": kv_read, "all": w * dtype_bytes + kv_read}
+
+
+def predicted_speedups(baseline: ModelConfig, concept: ModelConfig, length: int, ratio: float,
+                       dtype_bytes: int = 4) -> dict[str, float]:
+    """Predicted ConceptMoE speedups over the baseline at ``length``: prefill from FLOPs,
+    decode from bytes moved per step, and the KV-cache reductions."""
+    kb, kc = kv_cache_bytes(baseline, length, dtype_bytes=dtype_bytes), kv_cache_bytes(concept, length, ratio,
+                                                                                      dtype_bytes)
+    return {
+        "prefill": prefill_flops(baseline, length)["all"] / prefill_flops(concept, length, ratio)["all"],
+        "decode": decode_step_bytes(baseline, length, dtype_bytes=dtype_bytes)["all"]
+        / decode_step_bytes(concept, length, ratio, dtype_bytes)["all"],
+        "decode_flops": decode_step_flops(baseline, length) / decode_step_flops(concept, length, ratio),
+        "kv_concept_model": kb["concept"] / max(kc["concept"], 1),
+        "kv_total": kb["total"] / max(kc["total"], 1),
+    }
+
+
+# --------------------------------------------------------------- compute matching
+def baseline_of(cfg: ModelConfig) -> ModelConfig:
+    """The plain MoE a ConceptMoE config is compared with: same layers, router ``none``,
+    no joint decoding, no reallocation."""
+    d = copy.deepcopy(cfg.to_dict())
+    d["chunk"]["router"] = "none"
+    d["joint_decoding"] = False
+    d["concept"] = {}
+    return ModelConfig.from_dict(d)
+
+
+@dataclass
+class MatchResult:
+    """A compute-matched ConceptMoE proposal and how far it is from the baseline."""
+
+    strategy: str
+    ratio: float
+    config: ModelConfig
+    knob: dict  # the concept settings proposed, e.g. {"top_k": 4}
+    ideal: float  # the real-valued knob that would match exactly
+    flops_baseline: float  # linear FLOPs per token (attention map excluded)
+    flops_concept: float
+    flops_mismatch_pct: float  # 100 * (concept - baseline) / baseline
+    flops_tolerance_pct: float  # half of one knob step: the best an integer knob can guarantee
+    params_baseline: int
+    params_concept: int
+    params_mismatch_pct: float
+    note: str = ""
+    candidates: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.strategy}: {self.knob} (ideal {self.ideal:.3g}) -> activated FLOPs "
+                f"{self.flops_mismatch_pct:+.2f}% (tolerance ±{self.flops_tolerance_pct:.2f}%), total params "
+                f"{self.params_mismatch_pct:+.2f}%. {self.note}")
+
+
+def _with_concept(base: dict, R: float, router: str, joint: bool, **concept) -> ModelConfig:
+    d = copy.deepcopy(base)
+    d["chunk"]["router"] = router
+    d["chunk"]["target_ratio_text"] = R
+    d["joint_decoding"] = joint
+    d["concept"] = concept
+    return ModelConfig.from_dict(d)
+
+
+def match_compute(baseline_cfg: ModelConfig, R: float, strategy: str = "topk", router: Optional[str] = None,
+                  joint_decoding: bool = True, max_loops: int = 8, max_width_factor: float = 4.0) -> MatchResult:
+    """Propose the concept model's reallocation so ConceptMoE at ratio ``R`` matches the
+    baseline's activated linear FLOPs per token (attention map excluded) and total params.
+
+    The baseline is ``baseline_of(baseline_cfg)`` (router ``none``, no joint decoding).
+    What each strategy can match:
+
+    * ``topk``: more activated experts per concept. Total params are unchanged, so they
+      match up to the chunk module and joint projectors ConceptMoE adds; FLOPs match up
+      to one expert step (integer top-k, at most ``n_experts``).
+    * ``loops``: the concept layers run ``n`` times with shared weights. Params as for
+      ``topk``; FLOPs move in steps of a whole pass over the concept layers, so only
+      ``R`` near an integer matches (R = 1.5 cannot: 1 loop is -33%, 2 loops +33% of the
+      concept model).
+    * ``width``: a wider concept model (heads added at the same head dim, kv heads keeping
+      the GQA group, expert hidden scaled alike, plus proj_in/out). Params and linear FLOPs
+      of a layer both grow ~ width^2, so matching FLOPs (x R) also multiplies the concept
+      model's params by ~R: total params cannot match (reported, not hidden).
+
+    The residual mismatches are returned in % of the baseline.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if R <= 1:
+        raise ValueError(f"R must be > 1, got {R}")
+    base = baseline_of(baseline_cfg)
+    bd = base.to_dict()
+    router = router or (baseline_cfg.chunk.router if baseline_cfg.chunk.router != "none" else "cosine")
+    target = linear_flops_per_token(base)["all"]
+    p_base = parameter_counts(base).n_total
+
+    def build(**c) -> ModelConfig:
+        return _with_concept(bd, R, router, joint_decoding, **c)
+
+    def flops(c: ModelConfig) -> float:
+        return linear_flops_per_token(c, R)["all"]
+
+    cands: list[tuple[dict, ModelConfig]] = []
+    if strategy == "topk":
+        lo, hi = flops(build(top_k=1)), flops(build(top_k=2))
+        step = hi - lo
+        ideal = 1 + (target - lo) / step
+        for k in sorted({min(max(int(math.floor(ideal)) + j, 1), base.moe.n_experts) for j in (0, 1)}):
+            cands.append(({"top_k": k}, build(top_k=k)))
+        note = ("total params match up to the chunk module and joint projectors; FLOPs move "
+                "in steps of one expert per concept")
+    elif strategy == "loops":
+        lo, hi = flops(build(loops=1)), flops(build(loops=2))
+        step = hi - lo
+        ideal = 1 + (target - lo) / step
+        for n in sorted({min(max(int(math.floor(ideal)) + j, 1), max_loops) for j in (0, 1)}):
+            cands.append(({"loops": n}, build(loops=n)))
+        note = ("total params match up to the chunk module and joint projectors; FLOPs move in "
+                "steps of one pass over the concept layers (R far from an integer cannot match)")
+    else:
+        hd, group = base.d_model // base.n_heads, base.n_heads // base.n_kv_heads
+        H = base.moe.expert_hidden
+        widths, uniform = [], []
+        h = base.n_heads
+        while h * hd <= max_width_factor * base.d_model:  # heads in steps of one GQA group
+            dc = h * hd
+            widths.append(dict(d_model=dc, n_heads=h, n_kv_heads=h // group))
+            hid = max(8, int(round(H * dc / base.d_model / 8)) * 8)
+            uniform.append(flops(build(**widths[-1], expert_hidden=hid)))
+            h += group
+        # ideal width under uniform scaling (expert hidden ~ width), interpolated
+        ideal, near = float(widths[-1]["d_model"]), len(widths) - 1
+        for i in range(1, len(uniform)):
+            if uniform[i - 1] <= target <= uniform[i]:
+                w0, w1 = widths[i - 1]["d_model"], widths[i]["d_model"]
+                ideal = w0 + (target - uniform[i - 1]) / (uniform[i] - uniform[i - 1]) * (w1 - w0)
+                near = i - 1 if ideal - w0 < w1 - ideal else i
+                break
+        # at the nearest width, the expert hidden size (multiples of 8) fine-tunes the FLOPs
+        knob = dict(widths[near])
+        f8 = flops(build(**knob, expert_hidden=16)) - flops(build(**knob, expert_hidden=8))
+        f0 = flops(build(**knob, expert_hidden=8)) - f8
+        hid = max(8, int(round((target - f0) / f8)) * 8)
+        for hh in (hid - 8, hid, hid + 8):
+            if hh >= 8:
+                cands.append(({**knob, "expert_hidden": hh}, build(**knob, expert_hidden=hh)))
+        step = f8
+        note = ("heads added at the same head dim, expert hidden fine-tuned in steps of 8; linear FLOPs "
+                "and params both grow with width: matching FLOPs multiplies the concept model's params "
+                "by ~R, so total params cannot match")
+    best_knob, best_cfg = min(cands, key=lambda kc: abs(flops(kc[1]) - target))
+    fc = flops(best_cfg)
+    p_c = parameter_counts(best_cfg).n_total
+    return MatchResult(strategy=strategy, ratio=R, config=best_cfg, knob=best_knob, ideal=float(ideal),
+                       flops_baseline=target, flops_concept=fc, flops_mismatch_pct=100 * (fc - target) / target,
+                       flops_tolerance_pct=100 * 0.5 * step / target + 1e-9, params_baseline=p_base,
+                       params_concept=p_c, params_mismatch_pct=100 * (p_c - p_base) / p_base, note=note,
+                       candidates=[k for k, _ in cands])
+
+
+# ------------------------------------------------------------------------ reporting
+def _paper_stated(path: Path) -> dict[str, float]:
+    """``# paper_stated: total=60e9 activated=2.5e9`` comment lines of a YAML file."""
+    out: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"\s*#\s*paper_stated:\s*(.*)", line)
+        if m:
+            for k, v in re.findall(r"(\w+)=([0-9.eE+-]+)", m.group(1)):
+                out[k] = float(v)
+    return out
+
+
+def _h(n: float) -> str:
+    for unit, s in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= unit:
+            return f"{n / unit:.3g}{s}"
+    return f"{n:.3g}"
+
+
+def print_accounting(cfg_path: str, R: Optional[float] = None, match: Optional[str] = None,
+                     lengths: tuple[int, ...] = (4096, 32768), dtype_bytes: int = 2,
+                     check_meta: bool = True) -> dict:
+    """Print parameters (by part), activated FLOPs, attention FLOPs and KV cache of the
+    ConceptMoE config at ``cfg_path`` and of its baseline MoE; optionally a compute
+    match. Returns the numbers as a dict."""
+    from .bench.common import print_table
+
+    path = Path(cfg_path)
+    cfg = ModelConfig.from_yaml(path)
+    R = effective_ratio(cfg, R) if cfg.chunk.router != "none" else float(R or 2.0)
+    if cfg.chunk.router == "none":  # a baseline file: account a default ConceptMoE of it
+        cfg = _with_concept(cfg.to_dict(), R, "cosine", True)
+    base = baseline_of(cfg)
+    pb, pc = parameter_counts(base), parameter_counts(cfg)
+    print(f"{path}  (ConceptMoE at R={R:g}, router {cfg.chunk.router}; baseline = same layers, router none)")
+    rows = [[p, _h(pb.total[p]), _h(pb.activated[p]), _h(pc.total[p]), _h(pc.activated[p])] for p in PARTS]
+    rows.append(["TOTAL", _h(pb.n_total), _h(pb.n_activated), _h(pc.n_total), _h(pc.n_activated)])
+    rows.append(["non-embedding activated", "", _h(pb.n_activated_non_embedding), "",
+                 _h(pc.n_activated_non_embedding)])
+    print_table(["part", "base total", "base activated", "concept total", "concept activated"], rows)
+    result = {"config": str(path), "ratio": R, "baseline": {"total": pb.n_total, "activated": pb.n_activated},
+              "concept": {"total": pc.n_total, "activated": pc.n_activated}}
+    if check_meta:
+        built = built_parameter_counts(cfg)
+        ok = built == pc.total
+        print(f"meta-device build: {sum(built.values()):,} parameters "
+              f"({'equals' if ok else 'DIFFERS FROM'} the analytic count {pc.n_total:,})")
+        result["meta_device_total"] = sum(built.values())
+    stated = _paper_stated(path)
+    # ConceptMoE's activated params per token, FLOPs-equivalent: what a token costs in
+    # linear FLOPs / 2 (its concept model's share / R), plus the input embedding row.
+    fc_all = linear_flops_per_token(cfg, R)["all"]
+    equiv = fc_all / 2 + pc.activated["embedding"]
+    print(f"activated per token: baseline {_h(pb.n_activated)}; ConceptMoE {_h(equiv)} FLOPs-equivalent "
+          f"(linear FLOPs/2 + embedding; a concept itself activates {_h(pc.n_activated)})")
+    result["concept"]["activated_flops_equivalent"] = equiv
+    if stated:
+        mine = {"total": (pb.n_total, pc.n_total), "activated": (pb.n_activated, equiv)}
+        parts = [f"{k} {_h(v)} vs computed baseline {_h(mine[k][0])} / ConceptMoE {_h(mine[k][1])}"
+                 for k, v in stated.items() if k in mine]
+        print("paper states: " + "; ".join(parts))
+        result["paper_stated"] = stated
+    fb, fc = linear_flops_per_token(base), linear_flops_per_token(cfg, R)
+    print(f"activated linear FLOPs/token: baseline {_h(fb['all'])}, ConceptMoE {_h(fc['all'])} "
+          f"({100 * (fc['all'] / fb['all'] - 1):+.2f}%; concept model {_h(fc['concept_model'])} vs "
+          f"{_h(fb['concept_model'])} in the baseline's middle layers)")
+    rows = []
+    for L in lengths:
+        ab, ac = attention_map_flops(base, L), attention_map_flops(cfg, L, R)
+        kb, kc = kv_cache_bytes(base, L, dtype_bytes=dtype_bytes), kv_cache_bytes(cfg, L, R, dtype_bytes)
+        sp = predicted_speedups(base, cfg, L, R, dtype_bytes)
+        rows.append([L, _h(ab["all"]), _h(ac["all"]), f"{ab['all'] / ac['all']:.2f}x",
+                     f"{ab['concept_layers'] / max(ac['concept_layers'], 1):.2f}x", _h(kb["total"]), _h(kc["total"]),
+                     f"{sp['kv_total']:.2f}x", f"{sp['prefill']:.2f}x", f"{sp['decode']:.2f}x"])
+    print(f"per sequence, batch 1, KV in {dtype_bytes}-byte dtype:")
+    print_table(["length", "attn base", "attn concept", "attn ratio", "concept-layer attn ratio", "KV base",
+                 "KV concept", "KV ratio", "pred. prefill", "pred. decode"], rows)
+    if match:
+        res = match_compute(base, R, match, router=cfg.chunk.router)
+        print("compute match " + res.summary())
+        result["match"] = {"strategy": match, "knob": res.knob, "flops_mismatch_pct": res.flops_mismatch_pct,
+                           "params_mismatch_pct": res.params_mismatch_pct}
+    return result
+
+
+def _flops_cmd(args: argparse.Namespace) -> int:
+    print_accounting(args.config, args.ratio, args.match, tuple(args.lengths), args.dtype_bytes)
+    return 0
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    """Add ``flops --config FILE --ratio R [--match topk|loops|width]``."""
+    p = subparsers.add_parser("flops", help="parameters, activated FLOPs, attention FLOPs and KV cache of a config")
+    p.add_argument("--config", required=True, help="model YAML (configs/model/*.yaml)")
+    p.add_argument("--ratio", type=float, default=None, help="compression ratio R (default: the config's target)")
+    p.add_argument("--match", choices=STRATEGIES, default=None,
+                   help="also propose a compute-matched concept model with this strategy")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
+    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per KV element (2 = bf16)")
+    p.set_defaults(func=_flops_cmd)
