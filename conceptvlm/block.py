@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .attention import Attention, KVCache, RMSNorm
+from .attention import Attention, KVCache, RMSNorm, Visibility
 from .moe import MoE, MoEOutput
 
 
@@ -22,13 +22,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(d_model, eps)
         self.moe = MoE(d_model, n_experts, top_k, expert_hidden, n_shared)
 
-    def forward(self, x_BLD: torch.Tensor, rope, doc_BL: torch.Tensor, valid_BL: torch.Tensor,
-                z_BLD: Optional[torch.Tensor] = None,
+    def forward(self, x_BLD: torch.Tensor, rope, vis: Visibility, z_BLD: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> tuple[torch.Tensor, MoEOutput]:
         z = self.z_norm(z_BLD) if (self.z_norm is not None and z_BLD is not None) else None
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, doc_BL, valid_BL, z, cache)
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, vis, z, cache)
         h = self.ffn_norm(x_BLD)
-        if bool(valid_BL.all()):
+        valid_BL = vis.valid
+        if vis.all_valid:
             out = self.moe(h.reshape(-1, h.shape[-1]))
             ffn = out.y.view_as(h)
         else:  # route only real tokens: padding neither costs compute nor skews the balance loss

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .attention import KVCache, rope_cos_sin
+from .attention import KVCache, Visibility, rope_cos_sin
 from .block import Block
 from .config import ModelConfig
 from .moe import MoEOutput
@@ -42,10 +42,11 @@ class ConceptModel(nn.Module):
         x0 = self.proj_in(c_BMD)
         rope = rope_cos_sin(pos_BM, cfg.concept_d_model // cfg.concept_n_heads, cfg.rope_base,
                             cfg.rope_scaling, x0.dtype)
+        vis = Visibility.build(doc_BM, valid_BM, caches[0] if caches else None)
         x, moe_outs = x0, []
         for loop in range(cfg.concept.loops):
             for i, layer in enumerate(self.layers):
                 cache = caches[loop * len(self.layers) + i] if caches is not None else None
-                x, out = layer(x, rope, doc_BM, valid_BM, cache=cache)
+                x, out = layer(x, rope, vis, cache=cache)
                 moe_outs.append(out)
         return self.proj_out(x - x0), moe_outs

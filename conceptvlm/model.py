@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, RMSNorm, rope_cos_sin
+from .attention import KVCache, RMSNorm, Visibility, rope_cos_sin
 from .block import Block
 from .chunk import (TEXT, ChunkRouter, Chunks, Previous, chunk_statistics, forced_boundaries, gather_rows,
                     locate_concepts, segment_positions)
@@ -187,8 +187,10 @@ class ConceptMoE(nn.Module):
 
         moe_outs: list[MoEOutput] = []
         rope = rope_cos_sin(pos, cfg.d_model // cfg.n_heads, cfg.rope_base, cfg.rope_scaling, h.dtype)
+        token_caches = None if state is None else state.encoder + state.decoder
+        vis = Visibility.build(doc, valid, token_caches[0] if token_caches else None)
         for i, layer in enumerate(self.encoder):
-            h, out = layer(h, rope, doc, valid, cache=None if state is None else state.encoder[i])
+            h, out = layer(h, rope, vis, cache=None if state is None else state.encoder[i])
             moe_outs.append(out)
 
         forced = forced_boundaries(doc, valid, mod, prev)
@@ -197,13 +199,14 @@ class ConceptMoE(nn.Module):
         z, z_last = self.concept_signal(h, chunks, pos, doc, moe_outs, state)
         x = h + z
         for i, layer in enumerate(self.decoder):
-            x, out = layer(x, rope, doc, valid, z_BLD=z if cfg.joint_decoding else None,
+            x, out = layer(x, rope, vis, z_BLD=z if cfg.joint_decoding else None,
                            cache=None if state is None else state.decoder[i])
             moe_outs.append(out)
         logits = self.lm_head(self.norm(x))
         if state is not None:
             self._advance(state, h, doc, valid, mod, forced, pos1d, z_last)
-        out = self._output(logits, labels, doc, valid, mod, chunks, moe_outs)
+        out = self._output(logits, labels, doc, valid, mod, chunks, moe_outs,
+                           statistics=state is None or labels is not None or self.training)
         out.state = state
         return out
 
@@ -247,9 +250,13 @@ class ConceptMoE(nn.Module):
         state.next_pos = pick(pos1d + 1, state.next_pos)
         state.z = z_last.detach()
 
-    def _output(self, logits, labels, doc, valid, mod, chunks: Chunks, moe_outs) -> ModelOutput:
+    def _output(self, logits, labels, doc, valid, mod, chunks: Chunks, moe_outs,
+                statistics: bool = True) -> ModelOutput:
         cfg = self.config
-        ratio, stats = chunk_statistics(chunks, mod, valid, cfg.chunk)
+        if statistics:
+            ratio, stats = chunk_statistics(chunks, mod, valid, cfg.chunk)
+        else:  # decoding step: nothing reads the per-modality statistics
+            ratio, stats = logits.new_zeros(()), {}
         balance = torch.stack([o.balance_loss for o in moe_outs]).mean()
         zl = torch.stack([o.z_loss for o in moe_outs]).mean()
         aux = cfg.moe.aux_loss_weight * balance + cfg.moe.z_loss_weight * zl + ratio
