@@ -40,17 +40,23 @@ def _register_bench(sub: "argparse._SubParsersAction") -> "argparse._SubParsersA
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import __version__
     from . import flops
+    from .convert import add_convert_parser
+    from .train import add_train_parser
     from .bench import inference as inference_bench
     from .data import bench as data_bench
     from .data import cli as data_cli
     from .eval import cli as eval_cli
+    from .eval import suites as eval_suites
 
     parser = argparse.ArgumentParser(
         prog="conceptvlm", description="ConceptVLM: vision-language MoE models whose language backbone runs on concepts")
     parser.add_argument("--version", action="version", version=f"conceptvlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_convert_parser(sub)
     bench_kinds = _register_bench(sub)
     eval_cli.register(sub)
+    eval_suites.register(sub)
     data_cli.register(sub)
     data_bench.register_bench(bench_kinds)
     inference_bench.register_bench(bench_kinds)

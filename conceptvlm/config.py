@@ -55,6 +55,9 @@ class ChunkConfig:
     sharpen: float = 6.0  # s in p~ = p^(1/s); 1 disables sharpening
     threshold: float = 0.5  # eval-mode boundary rule b = [p >= threshold]
     residual_form: str = "update"  # update (DESIGN §2) | output (reference demo ablation)
+    # F of the ratio loss from the eval-rule boundaries ("threshold": the realised ratio
+    # is what reaches the target) or from the sampled training ones ("sampled", the paper's).
+    loss_rate: str = "threshold"
 
     def __post_init__(self) -> None:
         _check(self.router in ROUTERS, f"chunk.router must be one of {ROUTERS}, got {self.router!r}")
@@ -65,6 +68,8 @@ class ChunkConfig:
         _check(0.0 < self.threshold < 1.0, f"chunk.threshold must be in (0, 1), got {self.threshold}")
         _check(self.residual_form in RESIDUAL_FORMS,
                f"chunk.residual_form must be one of {RESIDUAL_FORMS}, got {self.residual_form!r}")
+        _check(self.loss_rate in ("threshold", "sampled"),
+               f"chunk.loss_rate must be 'threshold' or 'sampled', got {self.loss_rate!r}")
         _check(self.ratio_loss_weight_text >= 0 and self.ratio_loss_weight_image >= 0,
                "chunk ratio loss weights must be >= 0")
 

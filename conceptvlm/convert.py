@@ -68,6 +68,9 @@ def convert_state(base_state: dict[str, torch.Tensor], base: ModelConfig, target
                 nk = d + k[len(s):]
                 break
         if any(m in nk for m in NEW_PARAM_MARKERS) or nk not in target_keys:
+            if any(m in k for m in (".attn.uq.", ".attn.uk.", ".attn.uv.")) and bool(v.abs().max() > 0):
+                raise ConfigError(f"baseline parameter {k} is non-zero: a model trained with joint decoding is "
+                                  "not a plain MoE baseline (train the baseline with model.joint_decoding=false)")
             dropped.append(k)  # baseline joint projectors / router: the target starts them fresh
             continue
         out[nk] = v
@@ -109,7 +112,7 @@ def convert_baseline(baseline_dir: Union[str, Path], config: Union[str, Path, Tr
         d["train"]["init_from"] = str(out.resolve())
         d["ratio_schedule"]["enabled"] = True
         extra["train.yaml"] = yaml.safe_dump(d, sort_keys=False)
-    full = {k: v.detach().float().contiguous() for k, v in new.state_dict().items() if not k.endswith("patch_order")}
+    full = {k: v.detach().float().clone().contiguous() for k, v in new.state_dict().items() if not k.endswith("patch_order")}
     return save_model_dir(full, vcfg, out, tok, extra)
 
 

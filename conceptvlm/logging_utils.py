@@ -1,10 +1,14 @@
-"""Training metrics to three sinks: a tqdm bar, TensorBoard and a JSONL file (rank 0 only)."""
+"""Training metrics: what is measured per step (global over data-parallel ranks) and the
+three sinks it goes to, a tqdm bar, TensorBoard and a JSONL file (rank 0 only)."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
 
 
 class MetricLogger:
@@ -20,11 +24,15 @@ class MetricLogger:
             return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "metrics.jsonl", "a")
+        path = out / "metrics.jsonl"
+        if path.is_file():  # a resumed run: drop rows logged after the checkpoint it resumes from
+            keep = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.jsonl = open(path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if progress:
             from tqdm import tqdm
 
@@ -88,3 +96,85 @@ def expert_load_summary(counts: list, prefix: str = "expert_load") -> dict[str, 
 def fmt(metrics: dict[str, Any], keys: Optional[list[str]] = None) -> str:
     keys = keys or [k for k in metrics if isinstance(metrics[k], float)]
     return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def micro_metrics(out, world: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Loss to back-propagate (DP token-weighted) and the step's global metrics."""
+    n_local = float(out.n_label_tokens)
+    mods = ("text", "image")
+    local = [n_local, float(out.lm_loss.detach()) * n_local, float(out.n_tokens), float(out.n_concepts),
+             float(out.ratio_loss.detach())]
+    for m in mods:
+        s = out.chunk_stats.get(m)
+        local += [float(s["tokens"]), float(s["boundaries"]), float(s["ratio_loss"]), 1.0] if s else [0.0] * 4
+    local.append(0.0 if torch.isfinite(out.loss.detach()) else 1.0)
+    t = torch.tensor(local, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    n_g = max(t[0].item(), 1.0)
+    lm = t[1].item() / n_g
+    ratio_mean = t[4].item() / world
+    loss = out.lm_loss * (n_local * world / n_g) + out.aux_loss
+    aux = float(out.aux_loss.detach()) - float(out.ratio_loss.detach()) + ratio_mean
+    m = {"lm_loss": lm, "aux_loss": aux, "loss": lm + aux, "balance_loss": float(out.balance_loss.detach()),
+         "z_loss": float(out.z_loss.detach()), "ratio_loss": ratio_mean, "tokens": t[2].item(), "concepts": t[3].item(),
+         "nonfinite": t[-1].item() > 0}
+    for i, name in enumerate(mods):
+        tok, bnd, rl, cnt = t[5 + 4 * i: 9 + 4 * i].tolist()
+        if tok > 0:
+            m[f"ratio/{name}"] = tok / max(bnd, 1.0)
+            m[f"boundary_rate/{name}"] = bnd / tok
+            m[f"ratio_loss/{name}"] = rl / max(cnt, 1.0)
+    m["_counts"] = [c.detach().cpu().tolist() for c in out.expert_counts]
+    return loss, m
+
+
+def reduce_step_metrics(micro: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    keys = [k for k in micro[0] if not k.startswith("_") and k not in ("nonfinite", "tokens", "concepts")]
+    for k in keys:
+        vals = [m[k] for m in micro if k in m]
+        out[k] = sum(vals) / len(vals)
+    out["tokens"] = sum(m["tokens"] for m in micro)
+    out["concepts"] = sum(m["concepts"] for m in micro)
+    counts = [list(map(sum, zip(*layer))) for layer in zip(*[m["_counts"] for m in micro])]
+    out.update(expert_load_summary(counts))
+    return out
+
+
+def skipped_counters(loaders: list) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for ld in loaders:
+        for k, v in ld.counters.as_dict().items():
+            total[k] = total.get(k, 0) + v
+    if dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, total)
+        total = {}
+        for p in parts:
+            for k, v in p.items():
+                total[k] = total.get(k, 0) + v
+    return {k: v for k, v in total.items() if k.startswith("skipped/")}
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    """Global L2 norm of the (already averaged) gradients before clipping: expert shards
+    summed over their expert-parallel group, replicated parameters counted once."""
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    dense = torch.zeros((), dtype=torch.float64)
+    experts: dict[str, torch.Tensor] = {}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if is_moe_param(p):
+            experts[p.group_name] = experts.get(p.group_name, torch.zeros((), dtype=torch.float64)) + sq
+        else:
+            dense += sq
+    total = dense
+    for name, sq in sorted(experts.items()):
+        dist.all_reduce(sq, group=groups._get_expert_parallel_group(name))
+        total = total + sq
+    return float(total.sqrt())

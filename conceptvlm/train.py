@@ -32,6 +32,9 @@ from .config import ConfigError
 from .train_config import TrainConfig, load_train_config
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row."""
 
@@ -68,6 +71,8 @@ def use_bf16(cfg: TrainConfig) -> bool:
 def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
     """The JSON file with the run's batch, clipping and precision filled in; checks ZeRO-3 x EP."""
     path = Path(cfg.parallel.deepspeed_config)
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path  # configs/deepspeed/*.json of a source checkout, from any directory
     if not path.is_file():
         raise ConfigError(f"parallel.deepspeed_config: file not found: {path}")
     try:
@@ -82,6 +87,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
         raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} with ZeRO stage 3 is not supported: DeepSpeed "
                           "refuses its MoE layers under ZeRO-3. Use ep_size=1 with ZeRO-3 (experts are then sharded "
                           "as ordinary parameters) or ZeRO stage 0-2 for expert parallelism.")
+    if stage == 3:  # else DeepSpeed swaps torch.nn.functional.linear process-wide, for good
+        zero.setdefault("memory_efficient_linear", False)
     if stage in (1, 2) and cfg.parallel.ep_size > 1:  # what DeepSpeed's ZeRO-1/2 MoE path requires
         zero["contiguous_gradients"] = True
         zero["reduce_scatter"] = True
@@ -230,71 +237,10 @@ def _cat_batches(batches: list[dict]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- metrics
-def _micro_metrics(out, world: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Loss to back-propagate (DP token-weighted) and the step's global metrics."""
-    n_local = float(out.n_label_tokens)
-    mods = ("text", "image")
-    local = [n_local, float(out.lm_loss.detach()) * n_local, float(out.n_tokens), float(out.n_concepts),
-             float(out.ratio_loss.detach())]
-    for m in mods:
-        s = out.chunk_stats.get(m)
-        local += [float(s["tokens"]), float(s["boundaries"]), float(s["ratio_loss"]), 1.0] if s else [0.0] * 4
-    local.append(0.0 if torch.isfinite(out.loss.detach()) else 1.0)
-    t = torch.tensor(local, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-    n_g = max(t[0].item(), 1.0)
-    lm = t[1].item() / n_g
-    ratio_mean = t[4].item() / world
-    loss = out.lm_loss * (n_local * world / n_g) + out.aux_loss
-    aux = float(out.aux_loss.detach()) - float(out.ratio_loss.detach()) + ratio_mean
-    m = {"lm_loss": lm, "aux_loss": aux, "loss": lm + aux, "balance_loss": float(out.balance_loss.detach()),
-         "z_loss": float(out.z_loss.detach()), "ratio_loss": ratio_mean, "tokens": t[2].item(), "concepts": t[3].item(),
-         "nonfinite": t[-1].item() > 0}
-    for i, name in enumerate(mods):
-        tok, bnd, rl, cnt = t[5 + 4 * i: 9 + 4 * i].tolist()
-        if tok > 0:
-            m[f"ratio/{name}"] = tok / max(bnd, 1.0)
-            m[f"boundary_rate/{name}"] = bnd / tok
-            m[f"ratio_loss/{name}"] = rl / max(cnt, 1.0)
-    m["_counts"] = [c.detach().cpu().tolist() for c in out.expert_counts]
-    return loss, m
-
-
-def _reduce_step(micro: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    keys = [k for k in micro[0] if not k.startswith("_") and k not in ("nonfinite", "tokens", "concepts")]
-    for k in keys:
-        vals = [m[k] for m in micro if k in m]
-        out[k] = sum(vals) / len(vals)
-    out["tokens"] = sum(m["tokens"] for m in micro)
-    out["concepts"] = sum(m["concepts"] for m in micro)
-    counts = [list(map(sum, zip(*layer))) for layer in zip(*[m["_counts"] for m in micro])]
-    from .logging_utils import expert_load_summary
-
-    out.update(expert_load_summary(counts))
-    return out
-
-
-def _skipped_counters(loaders: list) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for ld in loaders:
-        for k, v in ld.counters.as_dict().items():
-            total[k] = total.get(k, 0) + v
-    if dist.get_world_size() > 1:
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, total)
-        total = {}
-        for p in parts:
-            for k, v in p.items():
-                total[k] = total.get(k, 0) + v
-    return {k: v for k, v in total.items() if k.startswith("skipped/")}
-
-
 # ----------------------------------------------------------------------------- training
 def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> dict:
-    """Run (or resume) training; returns ``{"steps", "losses", "out_dir", "stopped"}``.
+    """Run (or resume) training; returns ``{"steps", "losses", "out_dir"}`` (losses of the
+    steps this call ran).
 
     ``loss_hook(step, loss) -> loss`` may replace the loss before the finiteness check
     (fault-injection in tests).
@@ -303,13 +249,12 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .data import load_tokenizer
+    from .data.shards import expand_shards
     from .expert_parallel import parallelize_moe
     from .export import export_model
-    from .logging_utils import MetricLogger
+    from .logging_utils import MetricLogger, grad_norm, micro_metrics, reduce_step_metrics, skipped_counters
 
-    from .data.shards import expand_shards
-
-    ds_cfg = deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # config errors before any work
+    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # config errors before any work
     for i, s in enumerate(cfg.data.sources):
         try:
             expand_shards(s.shards)
@@ -355,7 +300,7 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
                        progress=cfg.train.progress)
     gas = cfg.optim.grad_accum
     losses: list[float] = []
-    in_row, stopped = 0, None
+    in_row, manual_norm = 0, None
     lm = engine.module.lm if hasattr(engine.module, "lm") else engine.module
     R_text, R_image = lm.config.chunk.target_ratio_text, lm.config.chunk.target_ratio_image
 
@@ -380,7 +325,7 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
                 if loss_hook is not None:
                     out.loss = loss_hook(step, out.loss)
                     out.lm_loss = out.loss - out.aux_loss
-                loss, m = _micro_metrics(out, world)
+                loss, m = micro_metrics(out, world)
                 if m["nonfinite"]:
                     nonfinite_total += 1
                     in_row += 1
@@ -393,17 +338,19 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
                     continue
                 in_row = 0
                 engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+                    manual_norm = grad_norm(engine.module)  # ZeRO-0 keeps no norm of its own
                 engine.step()
                 micro.append(m)
             step += 1
             dt = time.perf_counter() - t0
-            metrics = _reduce_step(micro)
+            metrics = reduce_step_metrics(micro)
             losses.append(metrics["loss"])
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                gn = engine.get_global_grad_norm()
+                gn = engine.get_global_grad_norm() if engine.zero_optimization_stage() > 0 else manual_norm
                 metrics.update(lr=sched.get_last_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"),
                                tokens_per_s=metrics["tokens"] / dt, concepts_per_s=metrics["concepts"] / dt,
-                               nonfinite_skipped=nonfinite_total, step_time_s=dt, **_skipped_counters(loaders))
+                               nonfinite_skipped=nonfinite_total, step_time_s=dt, **skipped_counters(loaders))
                 if cfg.ratio_schedule.enabled:
                     metrics["target_ratio/text"] = lm.config.chunk.target_ratio_text
                 log.log(step, metrics)
@@ -415,7 +362,7 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
             export_model(engine.module, vcfg, out_dir / "export", tokenizer, resolved)
     finally:
         log.close()
-    return {"steps": step, "losses": losses, "out_dir": str(out_dir), "stopped": stopped}
+    return {"steps": step, "losses": losses, "out_dir": str(out_dir)}
 
 
 def _yaml(cfg: TrainConfig) -> str:

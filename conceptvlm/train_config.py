@@ -176,6 +176,21 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def _find(name: str, config_path: Optional[str | Path]) -> Path:
+    """A relative path as given (from the working directory), else next to the train
+    YAML, else from the source checkout's root (``configs/model/tiny.yaml`` anywhere)."""
+    p = Path(name)
+    candidates = [p]
+    if not p.is_absolute():
+        if config_path is not None:
+            candidates.append(Path(config_path).parent / p)
+        candidates.append(Path(__file__).resolve().parents[1] / p)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"model_file not found: {name}")
+
+
 def load_train_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                       data: Optional[dict] = None) -> TrainConfig:
     """YAML file (or a mapping) + ``key=value`` overrides -> a validated :class:`TrainConfig`.
@@ -202,8 +217,8 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
             raise ConfigError(f"{path}: expected a mapping at the top level")
         model_file = raw.get("model_file")
         if model_file:
-            if not Path(model_file).is_file():
-                raise ConfigError(f"model_file not found: {model_file}")
+            model_file = _find(model_file, path)
+            raw.model_file = str(model_file)
             base = OmegaConf.load(model_file)
             raw = OmegaConf.merge(raw, {"model": OmegaConf.merge(base, raw.get("model") or {})})
         container = OmegaConf.to_container(raw, resolve=True)
