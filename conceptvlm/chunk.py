@@ -218,5 +218,6 @@ def chunk_statistics(chunks: Chunks, modality_BL: torch.Tensor, valid_BL: torch.
             "ratio_loss": loss.detach(),
             "tokens": n.detach(),
             "boundaries": nb.detach(),
+            "eval_boundaries": nb_eval.detach(),
         }
     return total, stats

@@ -39,7 +39,7 @@ def _register_bench(sub: "argparse._SubParsersAction") -> "argparse._SubParsersA
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import __version__
-    from . import flops
+    from . import demo, flops
     from .convert import add_convert_parser
     from .train import add_train_parser
     from .bench import inference as inference_bench
@@ -52,6 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="conceptvlm", description="ConceptVLM: vision-language MoE models whose language backbone runs on concepts")
     parser.add_argument("--version", action="version", version=f"conceptvlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    demo.register(sub)
     add_train_parser(sub)
     add_convert_parser(sub)
     bench_kinds = _register_bench(sub)

@@ -17,7 +17,9 @@ import torch
 SUITES = ("text", "longctx", "vqa", "grounding", "harness")
 
 
-def _is_shard_spec(spec: str) -> bool:
+def _is_shard_spec(spec) -> bool:
+    if isinstance(spec, (list, tuple)):
+        return True
     return spec.startswith("pipe:") or ".tar" in spec
 
 
