@@ -40,7 +40,6 @@ def ratio_loss(boundary: torch.Tensor, prob: torch.Tensor, target_ratio: float,
     """
     if target_ratio <= 1.0:
         raise ValueError(f"target_ratio must be > 1, got {target_ratio}")
-    R = float(target_ratio)
     b = boundary.detach().to(prob.dtype)
     if mask is None:
         F_rate, G = b.mean(), prob.mean()
@@ -50,6 +49,12 @@ def ratio_loss(boundary: torch.Tensor, prob: torch.Tensor, target_ratio: float,
         if n.item() == 0:
             return prob.sum() * 0.0
         F_rate, G = (b * m).sum() / n, (prob * m).sum() / n
+    return ratio_loss_from_rates(F_rate, G, target_ratio)
+
+
+def ratio_loss_from_rates(F_rate: torch.Tensor, G: torch.Tensor, R: float) -> torch.Tensor:
+    """``R/(R-1) * ((R-1) F G + (1-F)(1-G))`` (see :func:`ratio_loss`)."""
+    R = float(R)
     return R / (R - 1.0) * ((R - 1.0) * F_rate * G + (1.0 - F_rate) * (1.0 - G))
 
 
@@ -140,7 +145,7 @@ class ChunkRouter(nn.Module):
 
     def boundaries(self, p_BL: torch.Tensor, forced_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
         """Sampled (training) or thresholded (eval) boundaries; never on padding."""
-        if self.training and self.cfg.router in ("cosine", "linear"):
+        if self.training and self.cfg.sample_in_training and self.cfg.router in ("cosine", "linear"):
             b = torch.bernoulli(sharpen(p_BL.detach(), self.cfg.sharpen)).bool()
         else:
             b = p_BL >= self.cfg.threshold
@@ -181,12 +186,25 @@ def learned_router(cfg: ChunkConfig) -> bool:
     return cfg.router in ("cosine", "linear")
 
 
+def _data_parallel_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def chunk_statistics(chunks: Chunks, modality_BL: torch.Tensor, valid_BL: torch.Tensor,
-                     cfg: ChunkConfig) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+                     cfg: ChunkConfig, across_ranks: bool = False
+                     ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
     """Weighted ratio loss (summed over modalities) and per-modality statistics.
 
     F and G of each modality's loss are taken over that modality's positions only;
     image markers belong to neither. ``ratio`` is tokens / boundaries in the batch.
+
+    With ``across_ranks`` (training under data parallelism) F and G are taken over the
+    global batch, so N ranks train exactly like one process on the same global batch:
+    one all-reduce of every modality's sums (a fixed-size tensor, so ranks without
+    images still take part), and the gradient through the local ``p`` scaled by the world
+    size to undo the data-parallel gradient average. The statistics stay per rank.
     """
     p, b = chunks.prob_BL, chunks.boundary_BL
     # The boundaries the eval rule would place. Taking the loss's F from them (the
@@ -195,19 +213,35 @@ def chunk_statistics(chunks: Chunks, modality_BL: torch.Tensor, valid_BL: torch.
     # ratio 3.9 on held-out data for a target of 3 after 300 steps).
     b_eval = p.detach() >= cfg.threshold
     b_loss = b if cfg.loss_rate == "sampled" else b_eval
+    masks = {mod: valid_BL & (modality_BL == mod) for mod in MODALITY_NAMES}
+    # Per modality: positions, loss boundaries, sum of p (the only term with a gradient).
+    local = torch.stack([torch.stack([m.sum().to(p.dtype), (b_loss & m).sum().to(p.dtype), (p * m).sum()])
+                         for m in masks.values()])
+    world = _data_parallel_world() if across_ranks else 1
+    glob = local.detach().clone()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(glob)
     learned = learned_router(cfg)
     total = p.sum() * 0.0
     stats: dict[str, dict[str, torch.Tensor]] = {}
-    for mod, name in MODALITY_NAMES.items():
-        mask = valid_BL & (modality_BL == mod)
-        n = mask.sum()
-        if n.item() == 0:
+    for i, (mod, name) in enumerate(MODALITY_NAMES.items()):
+        mask = masks[mod]
+        n_g = glob[i, 0]
+        if n_g.item() == 0:
             continue
         R = cfg.target_ratio_text if mod == TEXT else cfg.target_ratio_image
         weight = cfg.ratio_loss_weight_text if mod == TEXT else cfg.ratio_loss_weight_image
-        loss = ratio_loss(b_loss, p, R, mask)
+        F_rate = glob[i, 1] / n_g
+        G = (local[i, 2] + (glob[i, 2] - local[i, 2]).detach()) / n_g
+        loss = ratio_loss_from_rates(F_rate, G, R)
         if learned:
-            total = total + weight * loss
+            scaled = loss + (world - 1) * (loss - loss.detach())  # value unchanged, gradient x world
+            total = total + weight * scaled
+        n = mask.sum()
+        if n.item() == 0:
+            continue
         nb = (b & mask).sum()
         nb_eval = (b_eval & mask).sum()
         stats[name] = {

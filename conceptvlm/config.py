@@ -58,6 +58,9 @@ class ChunkConfig:
     # F of the ratio loss from the eval-rule boundaries ("threshold": the realised ratio
     # is what reaches the target) or from the sampled training ones ("sampled", the paper's).
     loss_rate: str = "threshold"
+    # Sample boundaries in training (the paper's sharpened Bernoulli) or use the eval
+    # rule throughout (deterministic training; H-Net style).
+    sample_in_training: bool = True
 
     def __post_init__(self) -> None:
         _check(self.router in ROUTERS, f"chunk.router must be one of {ROUTERS}, got {self.router!r}")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -55,7 +56,7 @@ def _train_one(name: str, router: str, specs: dict, out: Path, steps: int, seed:
         f"model.chunk.router={router}", "model.chunk.target_ratio_text=1.5", "model.chunk.target_ratio_image=3.0",
         "model.chunk.ratio_loss_weight_text=1.0", "model.chunk.ratio_loss_weight_image=0.3",
         "model.vocab_size=262", f"train.steps={steps}", f"train.out_dir={run_dir}", f"train.seed={seed}",
-        "train.export_at_end=true", "train.save_every=0", "data.batch_size=8", "data.shuffle_buffer=500",
+        "train.export_at_end=true", "train.save_every=0", f"train.progress={str(sys.stderr.isatty()).lower()}", "data.batch_size=8", "data.shuffle_buffer=500",
         f"optim.warmup_steps={max(steps // 20, 1)}"], data=base)
     print(f"[demo] training {name} (router {router}) for {steps} steps -> {run_dir}", flush=True)
     train(cfg)

@@ -254,7 +254,7 @@ class ConceptMoE(nn.Module):
                 statistics: bool = True) -> ModelOutput:
         cfg = self.config
         if statistics:
-            ratio, stats = chunk_statistics(chunks, mod, valid, cfg.chunk)
+            ratio, stats = chunk_statistics(chunks, mod, valid, cfg.chunk, across_ranks=self.training)
         else:  # decoding step: nothing reads the per-modality statistics
             ratio, stats = logits.new_zeros(()), {}
         balance = torch.stack([o.balance_loss for o in moe_outs]).mean()
