@@ -19,13 +19,18 @@ from train_helpers import REPO, text_shards, train_yaml, one_thread  # noqa: F40
 
 pytestmark = pytest.mark.slow
 
-KEYS = ("loss", "lm_loss", "balance_loss", "z_loss", "grad_norm", "tokens")
+KEYS = ("loss", "lm_loss", "balance_loss", "z_loss", "ratio_loss", "grad_norm", "tokens")
 
 
-def test_ep2_on_two_ranks_matches_one_process(tmp_path):
+@pytest.mark.parametrize("chunk", [
+    {"router": "fixed"},
+    # learned router with the ratio loss over the global batch; no sampling, so both runs
+    # see identical concepts
+    {"router": "cosine", "sample_in_training": False},
+], ids=["fixed", "cosine"])
+def test_ep2_on_two_ranks_matches_one_process(tmp_path, chunk):
     shards = text_shards(tmp_path / "shards")
-    # fixed router: no sampling, so the two runs see identical concepts
-    cfg_file = train_yaml(tmp_path / "t.yaml", shards, model={"chunk": {"router": "fixed"}},
+    cfg_file = train_yaml(tmp_path / "t.yaml", shards, model={"chunk": chunk},
                           optim={"lr": 1.0e-2}, train={"export_at_end": True})
     common = ["parallel.zero_stage=2"]
 
