@@ -20,7 +20,14 @@ from typing import Any
 
 TRAIN_CONFIG = "configs/train/tiny_vlm.yaml"
 KINDS = {"caption": (1500, 40), "vqa": (3000, 200), "grounding": (1500, 100), "text": (800, 60)}
-MODELS = {"ConceptMoE": "cosine", "baseline MoE": "none"}
+# name -> (router, image positions, image patch order)
+MODELS = {"ConceptMoE": ("cosine", "1d", "raster"),
+          "ConceptMoE 2D": ("cosine", "2d", "hilbert"),  # 2D-aware: compact image concepts
+          "baseline MoE": ("none", "1d", "raster")}
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "_")
 
 
 def _shards(root: Path, seed: int) -> dict[str, dict[str, str]]:
@@ -38,11 +45,12 @@ def _shards(root: Path, seed: int) -> dict[str, dict[str, str]]:
     return specs
 
 
-def _train_one(name: str, router: str, specs: dict, out: Path, steps: int, seed: int) -> Path:
+def _train_one(name: str, variant: tuple[str, str, str], specs: dict, out: Path, steps: int, seed: int) -> Path:
     from .train import train
     from .train_config import load_train_config
 
-    run_dir = out / "runs" / name.split()[0].lower()
+    router, positions, order = variant
+    run_dir = out / "runs" / _slug(name)
     export = run_dir / "export"
     if export.exists():
         return export
@@ -53,7 +61,8 @@ def _train_one(name: str, router: str, specs: dict, out: Path, steps: int, seed:
     base = OmegaConf.to_container(OmegaConf.load(_repo_file(TRAIN_CONFIG)))
     base["data"]["sources"] = sources
     cfg = load_train_config(None, overrides=[
-        f"model.chunk.router={router}", "model.chunk.target_ratio_text=1.5", "model.chunk.target_ratio_image=3.0",
+        f"model.chunk.router={router}", f"image.image_positions={positions}", f"image.image_order={order}",
+        "model.chunk.target_ratio_text=1.5", "model.chunk.target_ratio_image=3.0",
         "model.chunk.ratio_loss_weight_text=1.0", "model.chunk.ratio_loss_weight_image=0.3",
         "model.vocab_size=262", f"train.steps={steps}", f"train.out_dir={run_dir}", f"train.seed={seed}",
         "train.export_at_end=true", "train.save_every=0", f"train.progress={str(sys.stderr.isatty()).lower()}", "data.batch_size=8", "data.shuffle_buffer=500",
@@ -139,8 +148,8 @@ def _plots(out: Path, metrics: dict[str, list[dict]]) -> dict[str, str]:
     return paths
 
 
-def _boundary_picture(out: Path, model, tokenizer, held_caption: list[str]) -> str:
-    """Boundaries of the trained ConceptMoE on held-out captions with their images."""
+def _boundary_picture(out: Path, models: dict, tokenizer, held_caption: list[str]) -> str:
+    """Boundaries of the trained ConceptMoE variants on a held-out caption with its image."""
     import torch
 
     from .data.counters import DataCounters
@@ -152,13 +161,14 @@ def _boundary_picture(out: Path, model, tokenizer, held_caption: list[str]) -> s
 
     raw = next(iter_shard(expand_shards(held_caption)[0], DataCounters()))
     parts, images = caption_document(raw)
+    model = next(iter(models.values()))
     ids, _ = encode_parts(parts, tokenizer, model.tokens_per_image)
     pixels = torch.stack([model.image_processor(im) for im in images])
 
     def piece(i: int) -> str:
         return tokenizer.decode([i])
 
-    boundary_figure({"ConceptMoE": model}, torch.tensor([list(ids)]), pixels, piece, out / "boundaries.png")
+    boundary_figure(models, torch.tensor([list(ids)]), pixels, piece, out / "boundaries.png")
     return "boundaries.png"
 
 
@@ -175,7 +185,7 @@ def run_demo(out: str | Path = "demo_out", steps: int = 600, seed: int = 0) -> d
     out.mkdir(parents=True, exist_ok=True)
     print(f"[demo] writing synthetic shards under {out / 'shards'}", flush=True)
     specs = _shards(out / "shards", seed)
-    exports = {name: _train_one(name, router, specs, out, steps, seed) for name, router in MODELS.items()}
+    exports = {name: _train_one(name, variant, specs, out, steps, seed) for name, variant in MODELS.items()}
     t_train = time.time() - t0
 
     results: dict[str, dict] = {}
@@ -186,18 +196,20 @@ def run_demo(out: str | Path = "demo_out", steps: int = 600, seed: int = 0) -> d
         for suite, data in (("text", specs["held"]["text"]), ("vqa", specs["held"]["vqa"]),
                             ("grounding", specs["held"]["grounding"])):
             res = evaluate(suite, model, tok, data=data, batch_size=16,
-                           out_path=out / "eval" / f"{name.split()[0].lower()}_{suite}.json")
+                           out_path=out / "eval" / f"{_slug(name)}_{suite}.json")
             r[suite] = res["summary"]
         results[name] = r
         print(f"[demo] {name}: bits/byte {r['text']['bits_per_byte']:.3f}, VQA {r['vqa']['overall']:.1f}%, "
               f"grounding Acc@0.5 {r['grounding'].get('accuracy', 0):.1f}%", flush=True)
 
     concept_model, tok = load_exported(exports["ConceptMoE"])
+    concept_2d, _ = load_exported(exports["ConceptMoE 2D"])
     held_vqa = vqa_samples_from_shards(specs["held"]["vqa"], concept_model.image_processor)
     blind = _blind_vqa_baseline(specs["train"]["vqa"], held_vqa)
     metrics = {name: _read_metrics(Path(p).parent) for name, p in exports.items()}
     plots = _plots(out, metrics)
-    plots["boundaries"] = _boundary_picture(out, concept_model, tok, specs["held"]["caption"])
+    plots["boundaries"] = _boundary_picture(out, {"1D (raster)": concept_model, "2D (Hilbert)": concept_2d}, tok,
+                                            specs["held"]["caption"])
     summary = {"steps": steps, "seed": seed, "train_seconds": t_train, "total_seconds": time.time() - t0,
                "results": results, "blind_vqa": blind, "plots": plots,
                "final_train_ratio": {m: metrics["ConceptMoE"][-1].get(f"eval_ratio/{m}") for m in ("text", "image")}}
@@ -217,9 +229,11 @@ def _report(out: Path, s: dict) -> None:
     text = f"""# ConceptVLM demo report
 
 Tiny ConceptVLM (64x64 images, 2-block ViT, 4-layer MoE LM, 4 experts top-2) trained for
-{s['steps']} steps on synthetic captions, VQA, grounding and text, on CPU; the baseline
-is the same model with router `none` (every token a concept: a plain MoE). Training took
-{s['train_seconds']:.0f} s for both models; the whole demo {s['total_seconds']:.0f} s.
+{s['steps']} steps on synthetic captions, VQA, grounding and text, on CPU: ConceptMoE with
+the cosine router (text target 1.5, image target 3), the same with 2D image positions and
+patches in Hilbert order ("2D"), and the baseline: the same model with router `none`
+(every token a concept: a plain MoE). Training took {s['train_seconds']:.0f} s for the
+three models; the whole demo {s['total_seconds']:.0f} s.
 
 ## Held-out results
 
