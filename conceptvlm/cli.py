@@ -39,7 +39,7 @@ def _register_bench(sub: "argparse._SubParsersAction") -> "argparse._SubParsersA
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import __version__
-    from . import demo, flops
+    from . import demo, experiments, flops
     from .convert import add_convert_parser
     from .train import add_train_parser
     from .bench import inference as inference_bench
@@ -62,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data_bench.register_bench(bench_kinds)
     inference_bench.register_bench(bench_kinds)
     flops.register(sub)
+    experiments.register(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -1,0 +1,58 @@
+"""``conceptvlm experiment run NAME [--quick]`` and ``conceptvlm experiment report``."""
+from __future__ import annotations
+
+import argparse
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runner import run_experiment
+
+    def ints(s):
+        return [int(x) for x in s.split(",")] if s else None
+
+    run_experiment(args.name, quick=args.quick, runs_root=args.runs, results_dir=args.results,
+                   variants=args.variants.split(",") if args.variants else None, seeds=ints(args.seeds),
+                   steps=args.steps, threads=args.threads)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import render_report
+
+    print(render_report(results_dir=args.results, out=args.out))
+    return 0
+
+
+def register(sub: "argparse._SubParsersAction") -> None:
+    from .runner import RESULTS_DIR
+
+    exp = sub.add_parser("experiment", help="small-scale reproductions of the paper's findings")
+    kinds = exp.add_subparsers(dest="experiment_command", required=True)
+    run = kinds.add_parser("run", help="train + evaluate the variants of configs/experiments/NAME.yaml")
+    run.add_argument("name", help="experiment name (configs/experiments/NAME.yaml) or a YAML path")
+    run.add_argument("--quick", action="store_true", help="the experiment's short form (its `quick:` section)")
+    run.add_argument("--variants", default="", help="comma-separated subset of variant names")
+    run.add_argument("--seeds", default="", help="comma-separated seeds (default: the YAML's)")
+    run.add_argument("--steps", type=int, default=None)
+    run.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    run.add_argument("--runs", default="runs/experiments", help="where run folders go")
+    run.add_argument("--results", default=str(RESULTS_DIR), help="where NAME.json result rows are appended")
+    run.set_defaults(func=_run)
+    rep = kinds.add_parser("report", help="render docs/results.md + plots from the result JSONs")
+    rep.add_argument("--results", default=str(RESULTS_DIR))
+    rep.add_argument("--out", default=None, help="markdown path (default: RESULTS/../results.md)")
+    rep.set_defaults(func=_report)
+
+
+def main(argv=None) -> int:
+    """``python -m conceptvlm.experiments.cli experiment run NAME`` (before the console script wires it)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="conceptvlm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,333 @@
+"""Run a named experiment (``configs/experiments/NAME.yaml``) and append one result row per
+(variant, seed) to ``docs/results/NAME.json``.
+
+An experiment YAML names a training config, the data (``kind: text`` = the pydoc + stdlib
+corpus of :mod:`.corpus`; ``kind: vlm`` = the synthetic image-text shards), the common
+overrides, and ``variants``: ``{name, router, R, realloc, overrides}``. ``realloc`` is
+``topk`` or ``loops`` (re-spend the compute saved at ratio R, chosen by
+:func:`conceptvlm.flops.match_compute`) or ``none``. ``quick`` overrides steps / seeds /
+variants for a short form. Each row records the activated linear FLOPs per token of the
+variant (at the target R and at the ratio it realised on held-out data).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO / "docs" / "results"
+EXPERIMENTS_DIR = REPO / "configs" / "experiments"
+
+
+def experiment_path(name: str) -> Path:
+    p = Path(name)
+    return p if p.suffix in (".yaml", ".yml") and p.is_file() else EXPERIMENTS_DIR / f"{name}.yaml"
+
+
+def load_experiment(name: str, quick: bool = False) -> dict:
+    """The experiment dict, with the ``quick`` section applied when ``quick``."""
+    from omegaconf import OmegaConf
+
+    exp = OmegaConf.to_container(OmegaConf.load(experiment_path(name)), resolve=True)
+    exp.setdefault("name", Path(name).stem)
+    exp["all_variants"] = list(exp["variants"])
+    if quick and exp.get("quick"):
+        q = exp["quick"]
+        exp["steps"] = q.get("steps", exp["steps"])
+        exp["seeds"] = q.get("seeds", exp["seeds"])
+        if "variants" in q:
+            keep = set(q["variants"])
+            exp["variants"] = [v for v in exp["variants"] if v["name"] in keep]
+        exp["eval_limit"] = q.get("eval_limit", exp.get("eval_limit"))
+    return exp
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, " \
+           f"Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# ------------------------------------------------------------------------------- data
+def prepare_data(exp: dict, root: Path) -> dict:
+    """``{"train_sources": [...], "held": {name: shards}, "train_eval": {name: shards}, "info": {...}}``."""
+    if exp.get("kind", "text") == "text":
+        from .corpus import CorpusSpec, write_corpus
+
+        man = write_corpus(root / "corpus", CorpusSpec(**exp.get("corpus", {})))
+        mix = exp.get("mix", {"english": 1.0, "code": 1.0})
+        return {"train_sources": [{"shards": man["shards"][f"train/{d}"], "kind": "text", "weight": float(w)}
+                                  for d, w in mix.items()],
+                "held": {d: man["shards"][f"held/{d}"] for d in mix},
+                "train_eval": {d: man["shards"][f"train/{d}"] for d in mix},
+                "info": {"docs": man["docs"], "chars": man["chars"], "stdlib": man["stdlib"]}}
+    from conceptvlm.data.synthetic import write_synthetic_shards
+
+    specs: dict[str, dict[str, list[str]]] = {"train": {}, "held": {}}
+    for kind, (n_train, n_held) in exp["synthetic"].items():
+        for split, n, start in (("train", n_train, 0), ("held", n_held, 10**6)):
+            d = root / "synthetic" / split / kind
+            if not d.exists():
+                write_synthetic_shards(kind, d, num=n, shard_size=500, seed=0, start_index=start)
+            specs[split][kind] = sorted(str(p) for p in d.glob("*.tar"))
+    weights = exp.get("weights", {})
+    return {"train_sources": [{"shards": s, "kind": k, "weight": float(weights.get(k, 1.0))}
+                              for k, s in specs["train"].items()],
+            "held": specs["held"], "train_eval": {}, "info": {"synthetic": exp["synthetic"]}}
+
+
+# ---------------------------------------------------------------------- compute matching
+def variant_overrides(base_model, variant: dict) -> tuple[list[str], dict]:
+    """Model overrides of one variant and its FLOPs accounting (``flops`` dict)."""
+    from conceptvlm import flops as F
+
+    router = variant["router"]
+    R = float(variant.get("R", 2.0))
+    realloc = variant.get("realloc", "none")
+    ov = [f"model.chunk.router={router}"]
+    knob: dict[str, Any] = {}
+    match = None
+    if router != "none":
+        ov.append(f"model.chunk.target_ratio_text={R}")
+        if realloc in ("topk", "loops"):
+            match = F.match_compute(base_model, R, strategy=realloc, router=router,
+                                    joint_decoding=base_model.joint_decoding)
+            knob = dict(match.knob)
+    ov += [f"model.concept.{k}={v}" for k, v in knob.items()]
+    ov += list(variant.get("overrides", []))
+    acct = {"realloc": realloc, "knob": knob,
+            "flops_baseline_per_token": F.linear_flops_per_token(F.baseline_of(base_model))["all"]}
+    if match is not None:
+        acct.update(flops_mismatch_pct=match.flops_mismatch_pct, params_mismatch_pct=match.params_mismatch_pct)
+    return ov, acct
+
+
+# ------------------------------------------------------------------------------- eval
+def realised_ratio(model, tokenizer, texts: list[str], max_length: int = 512) -> dict:
+    """tokens / boundaries of the eval-mode router over ``texts`` (one document per forward)."""
+    import torch
+
+    tokens = boundaries = 0.0
+    model.eval()
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer.encode(text)[:max_length]
+            if not ids:
+                continue
+            out = model(input_ids=torch.tensor([ids]))
+            st = out.chunk_stats.get("text")
+            if st is None:  # router none: every token a boundary
+                tokens += len(ids)
+                boundaries += len(ids)
+                continue
+            tokens += float(st["tokens"])
+            boundaries += float(st["boundaries"])
+    return {"tokens": tokens, "boundaries": boundaries, "ratio": tokens / max(boundaries, 1.0)}
+
+
+def _evaluate_text(model, tok, shards: dict, limit: Optional[int]) -> dict:
+    from conceptvlm.eval.datasets import texts_from_shards
+    from conceptvlm.eval.text import perplexity
+
+    res, all_lp_bytes = {}, [0.0, 0.0]
+    for name, spec in shards.items():
+        texts = texts_from_shards(spec, limit)
+        s = perplexity(model, tok, texts, max_length=512, batch_size=8)["summary"]
+        r = realised_ratio(model, tok, texts)
+        res[name] = {"bits_per_byte": s["bits_per_byte"], "nll_per_token": s["nll_per_token"],
+                     "docs": s["documents"], "bytes": s["bytes"], "realised_ratio": r["ratio"],
+                     "tokens": r["tokens"], "boundaries": r["boundaries"]}
+        all_lp_bytes[0] += s["bits_per_byte"] * s["bytes"]
+        all_lp_bytes[1] += s["bytes"]
+    tokens = sum(v["tokens"] for v in res.values())
+    bounds = sum(v["boundaries"] for v in res.values())
+    res["all"] = {"bits_per_byte": all_lp_bytes[0] / max(all_lp_bytes[1], 1), "realised_ratio": tokens / max(bounds, 1)}
+    return res
+
+
+def _evaluate_vlm(model, tok, held: dict, limit: Optional[int], out_dir: Path) -> dict:
+    from conceptvlm.eval.suites import evaluate
+
+    res = {}
+    for suite, kind in (("text", "text"), ("vqa", "vqa"), ("grounding", "grounding")):
+        if kind in held:
+            s = evaluate(suite, model, tok, data=held[kind], limit=limit, batch_size=16,
+                         out_path=out_dir / f"eval_{suite}.json")["summary"]
+            res[suite] = {k: v for k, v in s.items() if isinstance(v, (int, float, str))}
+    return res
+
+
+def boundary_picture(model, tok, held: dict, path: Path, label: str) -> Optional[str]:
+    """Concept regions of ``model`` on the first held-out caption sample (image + text)."""
+    import torch
+
+    from conceptvlm.data.counters import DataCounters
+    from conceptvlm.data.samples import caption_document
+    from conceptvlm.data.shards import expand_shards
+    from conceptvlm.data.tario import iter_shard
+    from conceptvlm.data.templates import encode_parts
+    from conceptvlm.viz import boundary_figure
+
+    if "caption" not in held or getattr(model, "image_processor", None) is None:
+        return None
+    raw = next(iter_shard(expand_shards(held["caption"])[0], DataCounters()))
+    parts, images = caption_document(raw)
+    ids, _ = encode_parts(parts, tok, model.tokens_per_image)
+    pixels = torch.stack([model.image_processor(im) for im in images])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    boundary_figure({label: model}, torch.tensor([list(ids)]), pixels, lambda i: tok.decode([i]), path)
+    return path.name
+
+
+def _train_ratios(metrics_path: Path, last: int = 20) -> dict:
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    out = {}
+    for mod in ("text", "image"):
+        vals = [r[f"eval_ratio/{mod}"] for r in rows if f"eval_ratio/{mod}" in r][-last:]
+        if vals:
+            out[mod] = sum(vals) / len(vals)
+    out["final_loss"] = sum(r["lm_loss"] for r in rows[-last:]) / max(len(rows[-last:]), 1) if rows else None
+    return out
+
+
+# ------------------------------------------------------------------------------- run
+def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, quick: bool, command: str) -> dict:
+    """Train and evaluate one (variant, seed); returns the result row."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from conceptvlm import flops as F
+    from conceptvlm.config import ModelConfig
+    from conceptvlm.export import load_exported
+    from conceptvlm.train import train
+    from conceptvlm.train_config import load_train_config
+
+    t0 = time.time()
+    base = OmegaConf.to_container(OmegaConf.load(REPO / exp["train_config"]), resolve=True)
+    if "model_file" in base and not Path(base["model_file"]).is_absolute():
+        base["model_file"] = str(REPO / base["model_file"])
+    base["data"]["sources"] = data["train_sources"]
+    run_dir = runs_root / exp["name"] / ("quick" if quick else "full") / f"{variant['name']}-s{seed}"
+    common = list(exp.get("overrides", [])) + [
+        f"train.steps={exp['steps']}", f"train.seed={seed}", f"train.out_dir={run_dir}",
+        "train.export_at_end=true", "train.save_every=0", "train.progress=false"]
+    probe = load_train_config(None, overrides=common, data=base)
+    ov, acct = variant_overrides(probe.model, variant)
+    cfg = load_train_config(None, overrides=common + ov, data=base)
+    model_cfg: ModelConfig = cfg.model
+    if (run_dir / "export").exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t_train = time.time()
+    train(cfg)
+    t_train = time.time() - t_train
+    model, tok = load_exported(run_dir / "export")
+    torch.manual_seed(seed)
+    limit = exp.get("eval_limit")
+    row: dict[str, Any] = {"experiment": exp["name"], "variant": variant["name"], "seed": seed,
+                           "router": variant["router"], "R": float(variant.get("R", 2.0)) if variant["router"] != "none" else 1.0,
+                           "steps": exp["steps"], "quick": quick, "command": command, "machine": machine(),
+                           "git": _git_rev(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data["info"],
+                           "params_total": F.parameter_counts(model_cfg).n_total,
+                           "params_activated": F.parameter_counts(model_cfg).n_activated, **acct}
+    row["R_image"] = cfg.model.chunk.target_ratio_image if exp.get("kind", "text") == "vlm" else None
+    row["tokens_per_step"] = cfg.data.seq_len * cfg.data.batch_size * cfg.optim.grad_accum
+    row["train"] = _train_ratios(run_dir / "metrics.jsonl")
+    if exp.get("kind", "text") == "text":
+        row["held"] = _evaluate_text(model, tok, data["held"], limit)
+        if exp.get("eval_train", False):
+            row["train_eval"] = _evaluate_text(model, tok, data["train_eval"], limit)
+        realised = row["held"]["all"]["realised_ratio"]
+    else:
+        row["held"] = _evaluate_vlm(model, tok, data["held"], limit, run_dir)
+        if variant["router"] != "none":
+            pic = Path(exp.get("_results_dir", RESULTS_DIR)) / f"{exp['name']}_{variant['name']}_s{seed}_boundaries.png"
+            row["boundary_picture"] = boundary_picture(model, tok, data["held"], pic, f"{variant['name']} seed {seed}")
+        realised = row["train"].get("text", row["R"])
+    row["flops_per_token"] = F.linear_flops_per_token(model_cfg, row["R"] if variant["router"] != "none" else None)["all"]
+    row["flops_per_token_realised"] = (F.linear_flops_per_token(model_cfg, max(realised, 1.0))["all"]
+                                       if variant["router"] not in ("none",) else row["flops_per_token"])
+    row["train_wall_s"] = t_train
+    row["wall_s"] = time.time() - t0
+    return row
+
+
+def append_result(row: dict, path: Path) -> None:
+    """Append ``row`` to the JSON list at ``path`` (under an exclusive lock: runs may share a file)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        rows = json.loads(text) if text.strip() else []
+        rows.append(row)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(rows, indent=1))
+
+
+def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs/experiments",
+                   results_dir: str | Path = RESULTS_DIR, variants: Optional[list[str]] = None,
+                   seeds: Optional[list[int]] = None, steps: Optional[int] = None, threads: int = 1) -> list[dict]:
+    """Run every (variant, seed) of experiment ``name``; appends rows to ``RESULTS/NAME.json``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    exp = load_experiment(name, quick)
+    if exp.get("unsupported"):
+        raise NotImplementedError(f"experiment {exp['name']}: {exp['unsupported']}")
+    if steps is not None:
+        exp["steps"] = steps
+    if seeds is not None:
+        exp["seeds"] = seeds
+    if variants is not None:  # chosen from all variants, not only the quick form's
+        unknown = set(variants) - {v["name"] for v in exp["all_variants"]}
+        if unknown:
+            raise ValueError(f"experiment {exp['name']} has no variants {sorted(unknown)}")
+        exp["variants"] = [v for v in exp["all_variants"] if v["name"] in set(variants)]
+    command = "conceptvlm experiment run " + exp["name"] + (" --quick" if quick else "")
+    if variants is not None:
+        command += " --variants " + ",".join(variants)
+    if seeds is not None:
+        command += " --seeds " + ",".join(map(str, seeds))
+    if steps is not None:
+        command += f" --steps {steps}"
+    exp["_results_dir"] = str(results_dir)
+    runs_root = Path(runs_root)
+    data = prepare_data(exp, runs_root / "_data")
+    rows = []
+    for seed in exp["seeds"]:
+        for v in exp["variants"]:
+            print(f"[experiment {exp['name']}] {v['name']} seed {seed}: {exp['steps']} steps", flush=True)
+            row = run_one(exp, v, seed, data, runs_root, quick, command)
+            append_result(row, Path(results_dir) / f"{exp['name']}.json")
+            held = row["held"].get("all", row["held"].get("text", {}))
+            print(f"[experiment {exp['name']}] {v['name']} seed {seed}: held text bpb {held.get('bits_per_byte')}, "
+                  f"ratio {held.get('realised_ratio', row['train'].get('text'))}, {row['wall_s']:.0f}s", flush=True)
+            rows.append(row)
+    return rows

@@ -1,0 +1,80 @@
+"""Experiments package: the corpus split, a 3-step runner smoke run, the report."""
+import json
+
+import pytest
+
+from conceptvlm.experiments.corpus import CorpusSpec, pieces, split_units
+
+
+def test_corpus_split_is_deterministic_and_disjoint_by_file():
+    spec = CorpusSpec(heldout_pct=30, max_files=40)
+    a, b = split_units(spec), split_units(spec)
+    assert a == b
+    for domain in ("english", "code"):
+        train = {n for n, _ in a[domain]["train"]}
+        held = {n for n, _ in a[domain]["held"]}
+        assert train and held and not (train & held)
+    other = split_units(CorpusSpec(heldout_pct=30, max_files=40, salt="other"))
+    assert {n for n, _ in other["code"]["held"]} != {n for n, _ in a["code"]["held"]}
+
+
+def test_pieces_cover_text_within_limit():
+    text = "".join(f"line {i} " * (i % 7) + "\n" for i in range(200)) + "x" * 250
+    ps = list(pieces(text, 100))
+    assert all(len(p) <= 100 for p in ps) and "".join(ps) == text
+
+
+def test_runner_smoke_writes_a_result_row(tmp_path):
+    pytest.importorskip("deepspeed")
+    from conceptvlm.experiments.runner import run_experiment
+
+    exp = tmp_path / "smoke.yaml"
+    exp.write_text("""
+kind: text
+train_config: configs/train/tiny_text.yaml
+corpus: {heldout_pct: 20, max_chars: 256, max_files: 10}
+eval_limit: 2
+steps: 3
+seeds: [0]
+overrides: [model.vocab_size=262, data.seq_len=64, data.batch_size=2, data.shuffle_buffer=10, optim.warmup_steps=1]
+variants:
+  - {name: cosine-topk, router: cosine, R: 2.0, realloc: topk}
+""")
+    rows = run_experiment(str(exp), runs_root=tmp_path / "runs", results_dir=tmp_path / "results")
+    saved = json.loads((tmp_path / "results" / "smoke.json").read_text())
+    assert len(rows) == len(saved) == 1
+    row = saved[0]
+    assert row["variant"] == "cosine-topk" and row["knob"] == {"top_k": 4}
+    assert row["held"]["all"]["bits_per_byte"] > 0 and row["held"]["all"]["realised_ratio"] >= 1
+    assert row["flops_per_token"] > 0 and row["flops_baseline_per_token"] > 0
+
+
+def _fake_row(variant, router, bpb, seed=0):
+    return {"experiment": "chunking_ablation", "variant": variant, "seed": seed, "router": router,
+            "R": 1.0 if router == "none" else 2.0, "steps": 10, "quick": True,
+            "command": "conceptvlm experiment run chunking_ablation --quick", "machine": "test cpu",
+            "git": "abc", "time": "2026-01-01 00:00:00", "data": {"docs": {"held/code": 3}},
+            "params_total": 1000, "params_activated": 800, "realloc": "topk", "knob": {"top_k": 4},
+            "flops_baseline_per_token": 100.0, "flops_per_token": 102.0, "flops_per_token_realised": 101.0,
+            "tokens_per_step": 64, "train": {"text": 2.0}, "train_wall_s": 1.0, "wall_s": 2.0,
+            "held": {"english": {"bits_per_byte": bpb}, "code": {"bits_per_byte": bpb + 0.1},
+                     "all": {"bits_per_byte": bpb + 0.05, "realised_ratio": 1.0 if router == "none" else 2.1}}}
+
+
+def test_report_renders_from_fake_results(tmp_path):
+    from conceptvlm.experiments.report import render_report
+
+    res = tmp_path / "results"
+    res.mkdir()
+    rows = [_fake_row("none", "none", 2.5), _fake_row("cosine-topk", "cosine", 2.4),
+            _fake_row("fixed-topk", "fixed", 2.6)]
+    (res / "chunking_ablation.json").write_text(json.dumps(rows))
+    exps = tmp_path / "exps"
+    exps.mkdir()
+    (exps / "chunking_ablation.yaml").write_text("kind: text\n")
+    (exps / "router_2d.yaml").write_text("kind: vlm\n")
+    md = render_report(results_dir=res, out=tmp_path / "results.md", experiments_dir=exps)
+    text = open(md).read()
+    assert "cosine-topk" in text and "**holds**" in text
+    assert "conceptvlm experiment run router_2d" in text  # listed as not run
+    assert (res / "chunking_ablation_quick_10.png").exists()
