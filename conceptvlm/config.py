@@ -204,6 +204,11 @@ def _build(cls, data: dict[str, Any], prefix: str = ""):
         merged = OmegaConf.merge(OmegaConf.structured(cls), data)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"bad config key {prefix}{key}: {msg}" if key else f"bad config: {msg}") from None
+        raise omegaconf_error(e, prefix) from None
+
+
+def omegaconf_error(e: Exception, prefix: str = "") -> ConfigError:
+    """An OmegaConf merge/validation error as a ConfigError naming the key."""
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    return ConfigError(f"bad config key {prefix}{key}: {msg}" if key else f"bad config: {msg}")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, omegaconf_error
 
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -225,8 +225,6 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"bad config key {key}: {msg}" if key else f"bad config: {msg}") from None
+        raise omegaconf_error(e) from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None

@@ -53,16 +53,20 @@ def _image_and_meta(url: str, raw: dict, counters: DataCounters):
     return None
 
 
+def _images_with_meta(spec: ShardSpec, limit: Optional[int], counters: DataCounters):
+    """``(url, key, image, meta)`` of every sample that decodes; the rest are counted."""
+    for url, raw in _raw_samples(spec, counters, limit):
+        got = _image_and_meta(url, raw, counters)
+        if got is not None:
+            yield (url, *got)
+
+
 def vqa_samples_from_shards(spec: ShardSpec, transform: ImageTransform, limit: Optional[int] = None,
                             counters: Optional[DataCounters] = None) -> list[VQASample]:
     """VQA shards (``KEY.jpg`` + json with ``question`` and ``answers``) -> samples."""
     counters = counters or DataCounters()
     out = []
-    for url, raw in _raw_samples(spec, counters, limit):
-        got = _image_and_meta(url, raw, counters)
-        if got is None:
-            continue
-        key, img, meta = got
+    for url, key, img, meta in _images_with_meta(spec, limit, counters):
         answers = meta.get("answers") or ([meta["answer"]] if "answer" in meta else None)
         if not isinstance(meta.get("question"), str) or not answers:
             counters.skip(MISSING_FIELD, url, key, "question/answers")
@@ -79,11 +83,7 @@ def grounding_samples_from_shards(spec: ShardSpec, transform: ImageTransform, li
     """Grounding shards (json with ``expression``, ``box``, ``box_format``) -> samples (boxes xyxy)."""
     counters = counters or DataCounters()
     out = []
-    for url, raw in _raw_samples(spec, counters, limit):
-        got = _image_and_meta(url, raw, counters)
-        if got is None:
-            continue
-        key, img, meta = got
+    for url, key, img, meta in _images_with_meta(spec, limit, counters):
         box, fmt = meta.get("box"), meta.get("box_format")
         if not isinstance(meta.get("expression"), str) or not isinstance(box, list) or fmt not in ("xyxy", "xywh"):
             counters.skip(MISSING_FIELD, url, key, "expression/box/box_format")
