@@ -91,6 +91,10 @@ class Visibility:
     mask: Optional[torch.Tensor]
     causal: bool
     all_valid: bool  # no padding among the new tokens (MoE can skip the gather)
+    # After appending these tokens, every cached key of each row is valid and of one
+    # document. Decided once per stack (all its caches hold the same keys), so the
+    # caches need no per-layer check.
+    cache_uniform: bool = True
 
     @classmethod
     def build(cls, doc_BL: torch.Tensor, valid_BL: torch.Tensor, cache: Optional["KVCache"] = None) -> "Visibility":
@@ -99,13 +103,14 @@ class Visibility:
         L = doc_BL.shape[1]
         if cache is None or cache.length == 0:
             mask = None if one_doc else attention_mask(doc_BL, doc_BL, valid_BL)
-            return cls(doc_BL, valid_BL, mask, True, all_valid)
+            return cls(doc_BL, valid_BL, mask, True, all_valid, one_doc)
         doc_k, valid_k = cache.doc_valid()
-        if L == 1 and one_doc and cache.uniform and bool((doc_k[:, -1] == doc_BL[:, 0]).all()):
-            return cls(doc_BL, valid_BL, None, False, all_valid)
+        uniform = one_doc and cache.uniform and bool((doc_k[:, -1] == doc_BL[:, 0]).all())
+        if L == 1 and uniform:
+            return cls(doc_BL, valid_BL, None, False, all_valid, uniform)
         mask = attention_mask(doc_BL, torch.cat([doc_k, doc_BL], 1), torch.cat([valid_k, valid_BL], 1),
                               q_offset=cache.length)
-        return cls(doc_BL, valid_BL, mask, False, all_valid)
+        return cls(doc_BL, valid_BL, mask, False, all_valid, uniform)
 
 
 class KVCache:
@@ -122,8 +127,13 @@ class KVCache:
         self.length = 0
         self.uniform = True  # every cached key valid and of the same document (per row)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, valid: torch.Tensor):
-        """Add ``k, v [B, H, L, d]`` with ``doc, valid [B, L]``; return views of the whole cache."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, valid: torch.Tensor,
+               uniform: bool = False):
+        """Add ``k, v [B, H, L, d]`` with ``doc, valid [B, L]``; return views of the whole cache.
+
+        ``uniform``: the caller's verdict (:attr:`Visibility.cache_uniform`) that every
+        key is now valid and of one document per row.
+        """
         n = k.shape[2]
         need = self.length + n
         if self._k is None or need > self._k.shape[2]:
@@ -135,9 +145,7 @@ class KVCache:
         s, e = self.length, need
         self._k[:, :, s:e], self._v[:, :, s:e] = k, v
         self._doc[:, s:e], self._valid[:, s:e] = doc, valid
-        if self.uniform:
-            first = self._doc[:, :1]
-            self.uniform = bool(valid.all()) and bool((doc == first).all())
+        self.uniform = uniform
         self.length = need
         return self._k[:, :, :e], self._v[:, :, :e], self._doc[:, :e], self._valid[:, :e]
 
@@ -198,7 +206,7 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v, _, _ = cache.append(k, v, vis.doc, vis.valid)
+            k, v, _, _ = cache.append(k, v, vis.doc, vis.valid, vis.cache_uniform)
         gqa = self.n_heads != self.n_kv_heads
         if vis.mask is None and not vis.causal:
             out = single_query_attention(q, k, v)

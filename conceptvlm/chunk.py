@@ -145,7 +145,7 @@ class ChunkRouter(nn.Module):
 
     def boundaries(self, p_BL: torch.Tensor, forced_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
         """Sampled (training) or thresholded (eval) boundaries; never on padding."""
-        if self.training and self.cfg.sample_in_training and self.cfg.router in ("cosine", "linear"):
+        if self.training and self.cfg.sample_in_training and learned_router(self.cfg):
             b = torch.bernoulli(sharpen(p_BL.detach(), self.cfg.sharpen)).bool()
         else:
             b = p_BL >= self.cfg.threshold

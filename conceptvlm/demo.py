@@ -102,11 +102,6 @@ def _blind_vqa_baseline(train_specs: list[str], held: list[Any]) -> dict[str, fl
             "question_prior": 100 * sum(prior) / len(prior)}
 
 
-def _read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _plots(out: Path, metrics: dict[str, list[dict]]) -> dict[str, str]:
     import matplotlib
 
@@ -179,6 +174,7 @@ def run_demo(out: str | Path = "demo_out", steps: int = 600, seed: int = 0) -> d
     from .eval.datasets import vqa_samples_from_shards
     from .eval.suites import evaluate
     from .export import load_exported
+    from .logging_utils import read_jsonl
 
     t0 = time.time()
     out = Path(out)
@@ -206,7 +202,7 @@ def run_demo(out: str | Path = "demo_out", steps: int = 600, seed: int = 0) -> d
     concept_2d, _ = load_exported(exports["ConceptMoE 2D"])
     held_vqa = vqa_samples_from_shards(specs["held"]["vqa"], concept_model.image_processor)
     blind = _blind_vqa_baseline(specs["train"]["vqa"], held_vqa)
-    metrics = {name: _read_metrics(Path(p).parent) for name, p in exports.items()}
+    metrics = {name: read_jsonl(Path(p).parent / "metrics.jsonl") for name, p in exports.items()}
     plots = _plots(out, metrics)
     plots["boundaries"] = _boundary_picture(out, {"1D (raster)": concept_model, "2D (Hilbert)": concept_2d}, tok,
                                             specs["held"]["caption"])

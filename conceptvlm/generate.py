@@ -6,11 +6,11 @@ Same signature as ``conceptvlm.eval.generate.greedy_generate`` (the evaluators'
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-StopFn = Callable[[int, list[int]], bool]
+from .eval.generate import StopFn
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def cached_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
     logits are exactly those of decoding them alone. The eos token, if produced, is
     dropped from the result.
     """
-    from .eval.generate import concat_images, model_device, pad_batch
+    from .eval.generate import concat_images, model_device, pad_batch  # the evaluators' batching
 
     n = len(prompts)
     if n == 0:

@@ -44,17 +44,9 @@ def run_grounding(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Grou
     Returns (and writes to ``out_path``) ``{"summary": ..., "items": [...]}``;
     ``summary["unparseable"]`` counts answers with no box (scored wrong).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        answers = generate_answers(model, tokenizer,
-                                   [prompt.format(expression=s.expression) for s in samples],
-                                   [s.image for s in samples],
-                                   image_tokens_per_image=image_tokens_per_image,
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   generate_fn=generate_fn)
-    finally:
-        model.train(was_training)
+    answers = generate_answers(model, tokenizer, [prompt.format(expression=s.expression) for s in samples],
+                               [s.image for s in samples], image_tokens_per_image=image_tokens_per_image,
+                               batch_size=batch_size, max_new_tokens=max_new_tokens, generate_fn=generate_fn)
     items = []
     for s, a in zip(samples, answers):
         box = parse_box(a, s.width, s.height)

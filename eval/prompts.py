@@ -31,18 +31,22 @@ def generate_answers(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str
                      generate_fn: GenerateFn = greedy_generate,
                      stop_at_newline: bool = True) -> list[str]:
     """Greedy answers for image+text prompts, in batches; decoded, cut at the first
-    newline (short-answer prompting) and stripped."""
+    newline (short-answer prompting) and stripped. The model runs in eval mode and is
+    put back in the mode it came in."""
     prompts = [image_prompt_ids(tokenizer, t, image_tokens_per_image, im is not None)
                for t, im in zip(texts, images)]
     answers: list[str] = [""] * len(prompts)
-    for rows in batches(range(len(prompts)), batch_size):
-        stop = None
-        if stop_at_newline:
-            stop = lambda r, ids: "\n" in tokenizer.decode(ids)  # noqa: E731
-        out = generate_fn(model, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
-                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                          images=[images[i] for i in rows], stop=stop)
-        for i, ids in zip(rows, out):
-            text = tokenizer.decode(ids)
-            answers[i] = (text.split("\n")[0] if stop_at_newline else text).strip()
+    stop = (lambda r, ids: "\n" in tokenizer.decode(ids)) if stop_at_newline else None
+    was_training = model.training
+    model.eval()
+    try:
+        for rows in batches(range(len(prompts)), batch_size):
+            out = generate_fn(model, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
+                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                              images=[images[i] for i in rows], stop=stop)
+            for i, ids in zip(rows, out):
+                text = tokenizer.decode(ids)
+                answers[i] = (text.split("\n")[0] if stop_at_newline else text).strip()
+    finally:
+        model.train(was_training)
     return answers

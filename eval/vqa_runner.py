@@ -41,16 +41,9 @@ def run_vqa(model: torch.nn.Module, tokenizer: Any, samples: Sequence[VQASample]
     has ``question_id, question, prediction, normalized, answers, accuracy``, so the
     items are also an official results file (``question_id`` + ``prediction``).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        preds = generate_answers(model, tokenizer, [prompt.format(question=s.question) for s in samples],
-                                 [s.image for s in samples],
-                                 image_tokens_per_image=image_tokens_per_image,
-                                 batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                 generate_fn=generate_fn)
-    finally:
-        model.train(was_training)
+    preds = generate_answers(model, tokenizer, [prompt.format(question=s.question) for s in samples],
+                             [s.image for s in samples], image_tokens_per_image=image_tokens_per_image,
+                             batch_size=batch_size, max_new_tokens=max_new_tokens, generate_fn=generate_fn)
     items = [{"question_id": s.question_id, "question": s.question, "prediction": p,
               "normalized": normalize_prediction(p), "answers": s.answers,
               "answer_type": s.answer_type, "question_type": s.question_type,
