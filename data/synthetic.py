@@ -69,9 +69,15 @@ def make_scene(rng: random.Random, n: Optional[int] = None, image_size: int = 64
     return shapes
 
 
-def draw_scene(scene: list[Shape], rng: random.Random, image_size: int = 64) -> Image.Image:
-    """Plain dark, plain grey, or noisy background; shapes drawn inside their boxes."""
-    style = rng.choice(("dark", "grey", "noise"))
+# background style -> how captions and answers name it
+BACKGROUNDS = {"dark": "black", "grey": "gray", "noise": "speckled"}
+
+
+def draw_scene(scene: list[Shape], rng: random.Random, image_size: int = 64,
+               style: Optional[str] = None) -> Image.Image:
+    """Plain dark, plain grey, or noisy background (``style``, a key of
+    :data:`BACKGROUNDS`; random if None); shapes drawn inside their boxes."""
+    style = style or rng.choice(tuple(BACKGROUNDS))
     if style == "noise":
         noise = np.random.default_rng(rng.getrandbits(32)).normal(90, 30, (image_size, image_size, 3))
         img = Image.fromarray(noise.clip(0, 255).astype(np.uint8))
@@ -93,10 +99,13 @@ def draw_scene(scene: list[Shape], rng: random.Random, image_size: int = 64) -> 
     return img
 
 
-def caption(scene: list[Shape]) -> str:
-    """"A large red circle at the top left and a small blue square in the center."""
+def caption(scene: list[Shape], background: Optional[str] = None) -> str:
+    """"A large red circle at the top left and a small blue square in the center." With
+    ``background`` (a key of :data:`BACKGROUNDS`) the sentence ends "..., on a black background."."""
     phrases = [f"a {s.name} {'in the' if s.cell == 4 else 'at the'} {cell_name(s.cell)}" for s in scene]
     text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    if background is not None:
+        text += f", on a {BACKGROUNDS[background]} background"
     return text[0].upper() + text[1:] + "."
 
 
@@ -104,28 +113,41 @@ def _unique(scene: list[Shape], **attrs: str) -> bool:
     return sum(all(getattr(s, k) == v for k, v in attrs.items()) for s in scene) == 1
 
 
-def vqa(scene: list[Shape], rng: random.Random) -> tuple[str, str, list[str]]:
-    """(question, answer, 10 annotator answers), VQAv2 style: mostly agreeing, some noise."""
-    options: list[tuple[str, str, tuple[str, ...]]] = [
-        ("How many shapes are there?", str(len(scene)), tuple("1234")),
+# question type -> VQAv2 answer type
+QUESTION_TYPES = {"count": "number", "count_shape": "number", "colour": "other", "shape": "other",
+                  "where": "other", "exists": "yes/no", "exists_colour": "yes/no", "background": "other"}
+
+
+def vqa(scene: list[Shape], rng: random.Random, background: str) -> tuple[str, str, list[str], str]:
+    """(question, answer, 10 annotator answers, question type), VQAv2 style: annotators
+    mostly agree, with some noise; the type is a key of :data:`QUESTION_TYPES`.
+
+    The types range from global appearance (background, whether a colour is present:
+    what a tiny model learns first) to shape recognition, counting and position."""
+    options: list[tuple[str, str, tuple[str, ...], str]] = [
+        ("How many shapes are there?", str(len(scene)), tuple("1234"), "count"),
+        ("What color is the background?", BACKGROUNDS[background], tuple(BACKGROUNDS.values()), "background"),
     ]
+    colour = rng.choice(scene).colour if rng.random() < 0.5 else rng.choice(tuple(COLOURS))
+    present = any(s.colour == colour for s in scene)
+    options.append((f"Is there a {colour} object?", "yes" if present else "no", ("yes", "no"), "exists_colour"))
     shape = rng.choice(SHAPES)
-    options.append((f"How many {shape}s are there?", str(sum(s.shape == shape for s in scene)), tuple("01234")))
+    options.append((f"How many {shape}s are there?", str(sum(s.shape == shape for s in scene)), tuple("01234"), "count_shape"))
     target = rng.choice(scene)
     if _unique(scene, shape=target.shape):
-        options.append((f"What color is the {target.shape}?", target.colour, tuple(COLOURS)))
+        options.append((f"What color is the {target.shape}?", target.colour, tuple(COLOURS), "colour"))
     if _unique(scene, colour=target.colour):
-        options.append((f"What shape is the {target.colour} object?", target.shape, SHAPES))
+        options.append((f"What shape is the {target.colour} object?", target.shape, SHAPES, "shape"))
     if _unique(scene, colour=target.colour, shape=target.shape):
         where = tuple(cell_name(c) for c in range(9))
-        options.append((f"Where is the {target.colour} {target.shape}?", cell_name(target.cell), where))
+        options.append((f"Where is the {target.colour} {target.shape}?", cell_name(target.cell), where, "where"))
     colour, shape = (target.colour, target.shape) if rng.random() < 0.5 else (rng.choice(tuple(COLOURS)), rng.choice(SHAPES))
     present = any(s.colour == colour and s.shape == shape for s in scene)
-    options.append((f"Is there a {colour} {shape}?", "yes" if present else "no", ("yes", "no")))
-    question, answer, space = rng.choice(options)
+    options.append((f"Is there a {colour} {shape}?", "yes" if present else "no", ("yes", "no"), "exists"))
+    question, answer, space, qtype = rng.choice(options)
     answers = [answer if i < 6 or rng.random() < 0.8 else rng.choice(space) for i in range(10)]
     rng.shuffle(answers)
-    return question, answer, answers
+    return question, answer, answers, qtype
 
 
 def referring_expression(scene: list[Shape], target: Shape, rng: random.Random) -> str:
@@ -182,9 +204,10 @@ def synthetic_sample(kind: str, index: int, seed: int = 0, image_size: int = 64)
         images: list[Optional[str]] = []
         sample: dict[str, Any] = {"__key__": key}
         for i, scene in enumerate(scenes):
-            texts += [f"The {ordinals[i]} picture.", None, caption(scene)]
+            style = rng.choice(tuple(BACKGROUNDS))
+            texts += [f"The {ordinals[i]} picture.", None, caption(scene, style)]
             images += [None, f"{i}.jpg", None]
-            sample[f"{i}.jpg"] = _jpeg(draw_scene(scene, rng, image_size))
+            sample[f"{i}.jpg"] = _jpeg(draw_scene(scene, rng, image_size, style))
         a, b = len(scenes[-2]), len(scenes[-1])
         more = "more shapes than" if b > a else "fewer shapes than" if b < a else "as many shapes as"
         texts.append(f"The {ordinals[len(scenes) - 1]} picture has {more} the {ordinals[len(scenes) - 2]}.")
@@ -192,13 +215,15 @@ def synthetic_sample(kind: str, index: int, seed: int = 0, image_size: int = 64)
         sample["json"] = {"texts": texts, "images": images}
         return sample
     scene = make_scene(rng, image_size=image_size)
-    sample = {"__key__": key, "jpg": _jpeg(draw_scene(scene, rng, image_size))}
+    style = rng.choice(tuple(BACKGROUNDS))
+    sample = {"__key__": key, "jpg": _jpeg(draw_scene(scene, rng, image_size, style))}
     if kind == "caption":
-        text = caption(scene)
+        text = caption(scene, style)
         sample.update(txt=text, json={"caption": text, "width": image_size, "height": image_size})
     elif kind == "vqa":
-        question, answer, answers = vqa(scene, rng)
-        sample["json"] = {"question": question, "answer": answer, "answers": answers}
+        question, answer, answers, qtype = vqa(scene, rng, style)
+        sample["json"] = {"question": question, "answer": answer, "answers": answers, "question_type": qtype,
+                          "answer_type": QUESTION_TYPES[qtype]}
     elif kind == "grounding":
         target = rng.choice(scene)
         sample["json"] = {"expression": referring_expression(scene, target, rng), "box": list(target.box),

@@ -88,7 +88,7 @@ def prepare_data(exp: dict, root: Path) -> dict:
     specs: dict[str, dict[str, list[str]]] = {"train": {}, "held": {}}
     for kind, (n_train, n_held) in exp["synthetic"].items():
         for split, n, start in (("train", n_train, 0), ("held", n_held, 10**6)):
-            d = root / "synthetic" / split / kind
+            d = root / "synthetic" / split / f"{kind}-{n}"  # experiments with other sizes don't share
             if not d.exists():
                 write_synthetic_shards(kind, d, num=n, shard_size=500, seed=0, start_index=start)
             specs[split][kind] = sorted(str(p) for p in d.glob("*.tar"))
