@@ -25,7 +25,7 @@ N_IMG = 4
 
 
 def _cfg(**kw) -> DataConfig:
-    base = dict(seq_len=512, batch_size=2, image_tokens_per_image=N_IMG, image_size=16, epochs=1, shuffle_buffer=0)
+    base = dict(seq_len=640, batch_size=2, image_tokens_per_image=N_IMG, image_size=16, epochs=1, shuffle_buffer=0)
     return DataConfig(**(base | kw))
 
 
