@@ -58,6 +58,28 @@ def ratio_loss_from_rates(F_rate: torch.Tensor, G: torch.Tensor, R: float) -> to
     return R / (R - 1.0) * ((R - 1.0) * F_rate * G + (1.0 - F_rate) * (1.0 - G))
 
 
+def split_loss(p_N: torch.Tensor, R: float) -> torch.Tensor:
+    """Binary cross-entropy of ``p`` against "boundary" for its top ``round(N/R)``
+    positions and "no boundary" for the rest (the split taken from the detached ``p``).
+
+    The ratio loss moves the *mean* of p, through G, by the same amount at every
+    position; where many positions have nearly equal p (identical background patches)
+    the eval rule then flips all of them at once and the realised ratio oscillates
+    between ~1 and the whole image (measured in the demo mix: image ratio 1.1 to 64 for
+    a target of 3). This term instead separates the positions the router ranks highest
+    from the rest, so the threshold realises 1/R; ties are broken by whatever small
+    differences p has, which the term then widens.
+    """
+    n = p_N.shape[0]
+    k = int(round(n / float(R)))
+    if n == 0 or k <= 0 or k >= n:
+        return p_N.sum() * 0.0
+    target = torch.zeros_like(p_N)
+    target[torch.topk(p_N.detach(), k).indices] = 1.0
+    eps = 1e-6
+    return F.binary_cross_entropy(p_N.clamp(eps, 1 - eps), target)
+
+
 def sharpen(p: torch.Tensor, s: float) -> torch.Tensor:
     """``p^(1/s)`` above 0.5, ``1 - (1-p)^(1/s)`` below: pushes sampling towards 0/1."""
     if s == 1.0:
@@ -239,6 +261,11 @@ def chunk_statistics(chunks: Chunks, modality_BL: torch.Tensor, valid_BL: torch.
         if learned:
             scaled = loss + (world - 1) * (loss - loss.detach())  # value unchanged, gradient x world
             total = total + weight * scaled
+        split_weight = cfg.split_loss_weight_text if mod == TEXT else cfg.split_loss_weight_image
+        split = None
+        if learned and split_weight > 0:  # over this rank's positions (a rank-local top-k)
+            split = split_loss(p[mask], R)  # forced positions: p = 1, no gradient, always in the top
+            total = total + split_weight * split
         n = mask.sum()
         if n.item() == 0:
             continue
@@ -250,6 +277,7 @@ def chunk_statistics(chunks: Chunks, modality_BL: torch.Tensor, valid_BL: torch.
             "boundary_rate": nb.float() / n.float(),
             "mean_prob": (p.detach() * mask).sum() / n,
             "ratio_loss": loss.detach(),
+            **({"split_loss": split.detach()} if split is not None else {}),
             "tokens": n.detach(),
             "boundaries": nb.detach(),
             "eval_boundaries": nb_eval.detach(),

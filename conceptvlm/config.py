@@ -61,6 +61,12 @@ class ChunkConfig:
     # Sample boundaries in training (the paper's sharpened Bernoulli) or use the eval
     # rule throughout (deterministic training; H-Net style).
     sample_in_training: bool = True
+    # Weight of the split loss (chunk.split_loss): pushes the top 1/R of a modality's p
+    # in the batch above the threshold and the rest below. It spreads p where content
+    # makes many positions alike (flat image backgrounds), so the eval rule can realise
+    # 1/R instead of flipping between all and none of them. 0 disables.
+    split_loss_weight_text: float = 0.0
+    split_loss_weight_image: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.router in ROUTERS, f"chunk.router must be one of {ROUTERS}, got {self.router!r}")
@@ -75,6 +81,8 @@ class ChunkConfig:
                f"chunk.loss_rate must be 'threshold' or 'sampled', got {self.loss_rate!r}")
         _check(self.ratio_loss_weight_text >= 0 and self.ratio_loss_weight_image >= 0,
                "chunk ratio loss weights must be >= 0")
+        _check(self.split_loss_weight_text >= 0 and self.split_loss_weight_image >= 0,
+               "chunk split loss weights must be >= 0")
 
 
 @dataclass

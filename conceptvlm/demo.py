@@ -67,7 +67,7 @@ def _train_config(name: str, variant: tuple[str, str, str], specs: dict, out: Pa
         f"model.chunk.router={router}", f"image.image_positions={positions}", f"image.image_order={order}",
         "model.chunk.target_ratio_text=1.5", "model.chunk.target_ratio_image=3.0",
         "model.chunk.ratio_loss_weight_text=1.0", "model.chunk.ratio_loss_weight_image=0.3",
-        "model.vocab_size=262", f"train.steps={steps}", f"train.out_dir={run_dir}", f"train.seed={seed}",
+        "model.chunk.split_loss_weight_image=0.3", "model.vocab_size=262", f"train.steps={steps}", f"train.out_dir={run_dir}", f"train.seed={seed}",
         "train.export_at_end=true", "train.save_every=0", "train.progress=false", "data.batch_size=8",
         "data.shuffle_buffer=500", f"optim.warmup_steps={max(steps // 20, 1)}"], data=base)
 

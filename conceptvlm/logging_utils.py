@@ -107,7 +107,7 @@ def micro_metrics(out, world: int) -> tuple[torch.Tensor, dict[str, Any]]:
     for m in mods:
         s = out.chunk_stats.get(m)
         local += [float(s["tokens"]), float(s["boundaries"]), float(s["ratio_loss"]), 1.0,
-                  float(s["eval_boundaries"])] if s else [0.0] * 5
+                  float(s["eval_boundaries"]), float(s.get("split_loss", 0.0))] if s else [0.0] * 6
     local.append(0.0 if torch.isfinite(out.loss.detach()) else 1.0)
     t = torch.tensor(local, dtype=torch.float64)
     if world > 1:
@@ -121,12 +121,14 @@ def micro_metrics(out, world: int) -> tuple[torch.Tensor, dict[str, Any]]:
          "z_loss": float(out.z_loss.detach()), "ratio_loss": ratio_mean, "tokens": t[2].item(), "concepts": t[3].item(),
          "nonfinite": t[-1].item() > 0}
     for i, name in enumerate(mods):
-        tok, bnd, rl, cnt, bnd_eval = t[5 + 5 * i: 10 + 5 * i].tolist()
+        tok, bnd, rl, cnt, bnd_eval, split = t[5 + 6 * i: 11 + 6 * i].tolist()
         if tok > 0:
             m[f"ratio/{name}"] = tok / max(bnd, 1.0)  # of the sampled (training-mode) boundaries
             m[f"eval_ratio/{name}"] = tok / max(bnd_eval, 1.0)  # what the eval rule would realise
             m[f"boundary_rate/{name}"] = bnd / tok
             m[f"ratio_loss/{name}"] = rl / max(cnt, 1.0)
+            if split:
+                m[f"split_loss/{name}"] = split / max(cnt, 1.0)
     m["_counts"] = [c.detach().cpu().tolist() for c in out.expert_counts]
     return loss, m
 

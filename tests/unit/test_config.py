@@ -18,6 +18,7 @@ def test_tiny_yaml_loads(repo_root):
     ("n_kv_heads=3", "n_kv_heads"),
     ("concept.top_k=99", "concept.top_k"),
     ("concept.loops=0", "concept.loops"),
+    ("chunk.split_loss_weight_image=-1", "split loss"),
 ])
 def test_bad_values_name_the_key(repo_root, override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -60,3 +60,40 @@ def test_empty_mask_gives_zero_not_nan_and_bad_target_is_rejected():
     loss.backward()
     with pytest.raises(ValueError, match="target_ratio"):
         ratio_loss(p > 0.5, p, 1.0)
+
+
+def test_split_loss_is_bce_against_the_top_share():
+    from conceptvlm.chunk import split_loss
+
+    p = torch.tensor([0.9, 0.2, 0.6, 0.4, 0.1, 0.3], dtype=torch.float64)
+    target = torch.tensor([1.0, 0, 1, 0, 0, 0], dtype=torch.float64)  # top round(6/3) = 2
+    expected = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
+    assert torch.allclose(split_loss(p, 3.0), expected)
+    assert float(split_loss(p[:1], 3.0)) == 0.0  # nothing to split
+
+
+@pytest.mark.parametrize("R", [2.0, 3.0])
+def test_split_loss_turns_near_ties_into_the_target_ratio(R):
+    """Many nearly equal p (flat background patches): the ratio loss alone moves them
+    together across the threshold; with the split loss the threshold realises 1/R."""
+    from conceptvlm.chunk import ratio_loss_from_rates, split_loss
+
+    def train(with_split: bool) -> list[float]:
+        torch.manual_seed(0)
+        logit = (torch.randn(300) * 1e-3 - 0.2).requires_grad_()  # p ~ 0.45 everywhere, nearly tied
+        opt = torch.optim.Adam([logit], lr=0.05)
+        rates = []
+        for _ in range(200):
+            p = torch.sigmoid(logit)
+            F_rate = (p.detach() >= 0.5).double().mean()
+            loss = ratio_loss_from_rates(F_rate, p.mean(), R) + (split_loss(p, R) if with_split else 0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rates.append(float((torch.sigmoid(logit) >= 0.5).double().mean()))
+        return rates[-20:]
+
+    alone = train(with_split=False)
+    assert max(alone) - min(alone) > 0.5  # the failure mode: all or none of them cross
+    settled = train(with_split=True)
+    assert all(abs(1 / r - R) / R < 0.02 for r in settled)
