@@ -1,11 +1,12 @@
-"""``conceptvlm demo``: the embedded default, end to end on CPU in a few minutes.
+"""``conceptvlm demo``: the embedded default, end to end on CPU in under ten minutes.
 
 1. writes synthetic webdataset shards (captions, VQA, grounding, text; train and held-out),
 2. trains the tiny ConceptVLM (cosine router, text target 1.5, image target 3) and the
-   same model with router ``none`` (the baseline MoE) side by side, through the real
-   trainer (DeepSpeed, ZeRO-1, in-process),
-3. evaluates both exported models: text bits-per-byte, VQA accuracy, grounding Acc@0.5,
-   against blind baselines (the most frequent answer to the same question in training),
+   same model with router ``none`` (the baseline MoE) side by side, one trainer process
+   each (``python -m conceptvlm.train``: DeepSpeed, ZeRO-1),
+3. evaluates both exported models: text bits-per-byte, VQA accuracy (overall and per
+   question type), grounding Acc@0.5, against blind baselines (the most frequent answer
+   to the same question in training) and against the same model shown blank images,
 4. writes ``report.md`` with loss curves, realised ratios per modality over training and
    boundary pictures.
 """

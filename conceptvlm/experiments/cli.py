@@ -16,6 +16,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rescore(args: argparse.Namespace) -> int:
+    from .runner import rescore_held_ratios
+
+    n = rescore_held_ratios(args.name, runs_root=args.runs, results_dir=args.results)
+    print(f"{args.name}: held-out ratios added to {n} row(s)")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import render_report
 
@@ -38,6 +46,12 @@ def register(sub: "argparse._SubParsersAction") -> None:
     run.add_argument("--runs", default="runs/experiments", help="where run folders go")
     run.add_argument("--results", default=str(RESULTS_DIR), help="where NAME.json result rows are appended")
     run.set_defaults(func=_run)
+    rs = kinds.add_parser("rescore", help="add held-out per-modality ratios to VLM result rows that lack them, "
+                                           "from the runs' exported models")
+    rs.add_argument("name")
+    rs.add_argument("--runs", default="runs/experiments")
+    rs.add_argument("--results", default=str(RESULTS_DIR))
+    rs.set_defaults(func=_rescore)
     rep = kinds.add_parser("report", help="render docs/results.md + plots from the result JSONs")
     rep.add_argument("--results", default=str(RESULTS_DIR))
     rep.add_argument("--out", default=None, help="markdown path (default: RESULTS/../results.md)")

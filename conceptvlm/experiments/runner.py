@@ -179,6 +179,31 @@ def _evaluate_vlm(model, tok, held: dict, limit: Optional[int], out_dir: Path) -
     return res
 
 
+def realised_ratios_vlm(model, tok, held: dict) -> dict:
+    """Tokens per concept of each modality (eval rule) over the held-out caption and VQA
+    documents, packed as in training."""
+    import torch
+
+    from conceptvlm.data import DataConfig, Source, build_loader
+
+    kinds = [k for k in ("caption", "vqa") if k in held]
+    if not kinds:
+        return {}
+    cfg = DataConfig(seq_len=256, batch_size=8, image_tokens_per_image=model.tokens_per_image, seed=0, epochs=1,
+                     shuffle_buffer=0)
+    loader = build_loader([Source(held[k], k) for k in kinds], tok, cfg, image_transform=model.image_processor)
+    tokens: dict[str, int] = {}
+    bounds: dict[str, int] = {}
+    model.eval()
+    with torch.no_grad():
+        for b in loader:
+            out = model(b["input_ids"], doc_ids=b["doc_ids"], images=b["images"])
+            for m, st in out.chunk_stats.items():
+                tokens[m] = tokens.get(m, 0) + int(st["tokens"])
+                bounds[m] = bounds.get(m, 0) + int(st["eval_boundaries"])
+    return {m: tokens[m] / max(bounds[m], 1) for m in tokens}
+
+
 def boundary_picture(model, tok, held: dict, path: Path, label: str) -> Optional[str]:
     """Concept regions of ``model`` on the first held-out caption sample (image + text)."""
     import torch
@@ -229,7 +254,7 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     if "model_file" in base and not Path(base["model_file"]).is_absolute():
         base["model_file"] = str(REPO / base["model_file"])
     base["data"]["sources"] = data["train_sources"]
-    run_dir = runs_root / exp["name"] / ("quick" if quick else "full") / f"{variant['name']}-s{seed}"
+    run_dir = run_dir_of(exp, {"quick": quick, "variant": variant["name"], "seed": seed}, runs_root)
     common = list(exp.get("overrides", [])) + [
         f"train.steps={exp['steps']}", f"train.seed={seed}", f"train.out_dir={run_dir}",
         "train.export_at_end=true", "train.save_every=0", "train.progress=false"]
@@ -263,16 +288,56 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
         realised = row["held"]["all"]["realised_ratio"]
     else:
         row["held"] = _evaluate_vlm(model, tok, data["held"], limit, run_dir)
+        row["held"]["ratio"] = realised_ratios_vlm(model, tok, data["held"])
         if variant["router"] != "none":
             pic = Path(exp.get("_results_dir", RESULTS_DIR)) / f"{exp['name']}_{variant['name']}_s{seed}_boundaries.png"
             row["boundary_picture"] = boundary_picture(model, tok, data["held"], pic, f"{variant['name']} seed {seed}")
-        realised = row["train"].get("text", row["R"])
+        realised = row["held"]["ratio"].get("text", row["R"])
     row["flops_per_token"] = F.linear_flops_per_token(model_cfg, row["R"] if variant["router"] != "none" else None)["all"]
     row["flops_per_token_realised"] = (F.linear_flops_per_token(model_cfg, max(realised, 1.0))["all"]
                                        if variant["router"] not in ("none",) else row["flops_per_token"])
     row["train_wall_s"] = t_train
     row["wall_s"] = time.time() - t0
     return row
+
+
+def run_dir_of(exp: dict, row: dict, runs_root: Path) -> Path:
+    return runs_root / exp["name"] / ("quick" if row["quick"] else "full") / f"{row['variant']}-s{row['seed']}"
+
+
+def rescore_held_ratios(name: str, runs_root: str | Path = "runs/experiments",
+                        results_dir: str | Path = RESULTS_DIR) -> int:
+    """Add held-out per-modality ratios to the VLM rows of ``NAME.json`` that lack them
+    (rows written before they were measured), from each run's exported model.
+    Returns how many rows were updated."""
+    import fcntl
+
+    import torch
+
+    from conceptvlm.export import load_exported
+
+    exp = load_experiment(name)
+    if exp.get("kind", "text") != "vlm":
+        return 0
+    runs_root = Path(runs_root)
+    data = prepare_data(exp, runs_root / "_data")
+    path = Path(results_dir) / f"{exp['name']}.json"
+    with open(path, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        rows = json.loads(f.read())
+        done = 0
+        for row in rows:
+            export = run_dir_of(exp, row, runs_root) / "export"
+            if "ratio" in row["held"] or not export.exists():
+                continue
+            model, tok = load_exported(export)
+            torch.manual_seed(row["seed"])
+            row["held"]["ratio"] = realised_ratios_vlm(model, tok, data["held"])
+            done += 1
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(rows, indent=1))
+    return done
 
 
 def append_result(row: dict, path: Path) -> None:

@@ -78,3 +78,32 @@ def test_report_renders_from_fake_results(tmp_path):
     assert "cosine-topk" in text and "**holds**" in text
     assert "conceptvlm experiment run router_2d" in text  # listed as not run
     assert (res / "chunking_ablation_quick_10.png").exists()
+
+
+def test_vlm_runner_measures_held_out_ratios_and_rescore_restores_them(tmp_path):
+    pytest.importorskip("deepspeed")
+    from conceptvlm.experiments.runner import rescore_held_ratios, run_experiment
+
+    exp = tmp_path / "vlm_smoke.yaml"
+    exp.write_text("""
+kind: vlm
+train_config: configs/train/tiny_vlm.yaml
+synthetic: {caption: [16, 8], vqa: [16, 8], grounding: [8, 4], text: [8, 4]}
+eval_limit: 4
+steps: 3
+seeds: [0]
+overrides: [model.vocab_size=262, data.batch_size=2, data.shuffle_buffer=4, optim.warmup_steps=1]
+variants:
+  - {name: cosine, router: cosine, R: 1.5, overrides: [model.chunk.target_ratio_image=3.0]}
+""")
+    kw = dict(runs_root=tmp_path / "runs", results_dir=tmp_path / "results")
+    run_experiment(str(exp), **kw)
+    path = tmp_path / "results" / "vlm_smoke.json"
+    rows = json.loads(path.read_text())
+    ratio = rows[0]["held"]["ratio"]
+    assert set(ratio) == {"text", "image"} and all(r >= 1 for r in ratio.values())
+    del rows[0]["held"]["ratio"]  # a row written before held-out ratios were measured
+    path.write_text(json.dumps(rows))
+    assert rescore_held_ratios(str(exp), **kw) == 1
+    assert json.loads(path.read_text())[0]["held"]["ratio"] == pytest.approx(ratio)
+    assert rescore_held_ratios(str(exp), **kw) == 0  # nothing left to add
