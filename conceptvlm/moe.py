@@ -79,19 +79,14 @@ class GroupedExperts(nn.Module):
         self.w3_EDH = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w2_EHD = nn.Parameter(torch.empty(n_experts, hidden, d_model))
 
-    def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor,
-                expert_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Rows of ``x_TD`` sorted by expert (``counts_E`` each).
 
-        With fewer rows than experts (decoding a few tokens) the grouped kernel would
-        still visit every expert; gathering just the chosen experts' weights
-        (``expert_T``: the expert of each row) and one batched matmul is cheaper.
+        The grouped kernel also serves decoding (a few rows): experts with no rows cost
+        next to nothing, and nothing is copied. Gathering the chosen experts' weights
+        for a batched matmul instead copies them (1 MB per matrix at width 256, hidden
+        512): measured 4.4x slower for one token with top-2 of 8 experts on CPU.
         """
-        if expert_T is not None and x_TD.shape[0] < counts_E.shape[0]:
-            x = x_TD[:, None, :]  # [T, 1, D]
-            a = torch.bmm(x, self.w1_EDH[expert_T])
-            b = torch.bmm(x, self.w3_EDH[expert_T])
-            return torch.bmm(F.silu(a) * b, self.w2_EHD[expert_T])[:, 0]
         offsets = torch.cumsum(counts_E, 0).to(torch.int32)
         a = grouped_matmul(x_TD, self.w1_EDH, counts_E, offsets)
         b = grouped_matmul(x_TD, self.w3_EDH, counts_E, offsets)
@@ -139,7 +134,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
 
         x_sorted = x_ND[token_of]  # [N*k, D]
-        y_sorted = self.experts(x_sorted, counts, flat_expert[order])
+        y_sorted = self.experts(x_sorted, counts)
         y_sorted = y_sorted * gate_NK.reshape(-1)[order, None].to(y_sorted.dtype)
         y = torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted)
         if self.shared is not None:

@@ -60,9 +60,9 @@ def test_empty_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_few_tokens_gathered_path_matches_reference(dtype):
+def test_few_tokens_decode_case_matches_reference(dtype):
     moe = build(dtype, E=8, k=2)
-    for n in (1, 3):  # n * k < n_experts: the decode path
+    for n in (1, 3):  # n * k < n_experts: decoding, most experts get no rows
         x = torch.randn(n, 16, dtype=dtype, requires_grad=True)
         out = moe(x)
         ref = moe_reference(moe, x)
