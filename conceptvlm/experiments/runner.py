@@ -275,7 +275,7 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     row: dict[str, Any] = {"experiment": exp["name"], "variant": variant["name"], "seed": seed,
                            "router": variant["router"], "R": float(variant.get("R", 2.0)) if variant["router"] != "none" else 1.0,
                            "steps": exp["steps"], "quick": quick, "command": command, "machine": machine(),
-                           "git": _git_rev(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data["info"],
+                           "git": exp.get("_git", _git_rev()), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data["info"],
                            "params_total": F.parameter_counts(model_cfg).n_total,
                            "params_activated": F.parameter_counts(model_cfg).n_activated, **acct}
     row["R_image"] = cfg.model.chunk.target_ratio_image if exp.get("kind", "text") == "vlm" else None
@@ -383,6 +383,7 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
     if steps is not None:
         command += f" --steps {steps}"
     exp["_results_dir"] = str(results_dir)
+    exp["_git"] = _git_rev()  # the code this process runs, even if the checkout moves on meanwhile
     runs_root = Path(runs_root)
     data = prepare_data(exp, runs_root / "_data")
     rows = []
