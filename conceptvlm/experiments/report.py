@@ -166,6 +166,25 @@ def _vlm_findings(groups: dict) -> list[str]:
         out.append(f"{v}: realised text ratio {t:.2f} vs target {r0['R']:g} ({100 * (t - r0['R']) / r0['R']:+.0f}%), "
                    f"image {i:.2f} vs target {r0.get('R_image')} "
                    f"({100 * (i - (r0.get('R_image') or i)) / (r0.get('R_image') or i):+.0f}%).")
+    base = [rs for (_, _, v), rs in groups.items() if rs[0]["router"] == "none"]
+    if base:
+        def mean(rs, suite, key):
+            vals = [r["held"].get(suite, {}).get(key) for r in rs]
+            vals = [x for x in vals if x is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        b = base[0]
+        for (_, _, v), rs in sorted(groups.items()):
+            if rs[0]["router"] == "none":
+                continue
+            parts = []
+            for suite, key, label, nd in (("vqa", "overall", "VQA", 1), ("grounding", "accuracy", "grounding Acc@0.5", 1),
+                                          ("text", "bits_per_byte", "held text bpb", 3)):
+                x, y = mean(rs, suite, key), mean(b, suite, key)
+                if x is not None and y is not None:
+                    parts.append(f"{label} {x:.{nd}f} vs {y:.{nd}f} ({x - y:+.{nd}f})")
+            if parts:
+                out.append(f"{v} against the baseline MoE: " + ", ".join(parts) + ".")
     acc = [r["held"].get("grounding", {}).get("accuracy") for rs in groups.values() for r in rs]
     if acc and all(a == 0 for a in acc if a is not None):
         steps = next(iter(groups))[1]
@@ -248,7 +267,8 @@ def render_report(results_dir: str | Path = RESULTS_DIR, out: Optional[str | Pat
                       "Command(s): " + "; ".join(f"`{c}`" for c in cmds) + "  ",
                       f"Machine: {rs[-1]['machine']}  ",
                       f"Wall time: {sum(r['wall_s'] for r in rs):.0f} s in all "
-                      f"({len(rs)} runs, training + evaluation); git {rs[-1].get('git', '?')}, {rs[-1]['time']}.  ",
+                      f"({len(rs)} runs, training + evaluation); git {', '.join(dict.fromkeys(r.get('git', '?') for r in rs))}; "
+                      f"last run {rs[-1]['time']}.  ",
                       f"Data: {json.dumps(rs[-1].get('data', {}).get('docs', rs[-1].get('data')))} documents.", ""]
             if "all" in next(iter(groups.values()))[0]["held"]:
                 table, summary = _text_table(groups)
