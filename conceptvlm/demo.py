@@ -68,7 +68,8 @@ def _train_config(name: str, variant: tuple[str, str, str], specs: dict, out: Pa
         f"model.chunk.router={router}", f"image.image_positions={positions}", f"image.image_order={order}",
         "model.chunk.target_ratio_text=1.5", "model.chunk.target_ratio_image=3.0",
         "model.chunk.ratio_loss_weight_text=1.0", "model.chunk.ratio_loss_weight_image=0.3",
-        "model.chunk.split_loss_weight_image=0.3", "model.vocab_size=262", f"train.steps={steps}", f"train.out_dir={run_dir}", f"train.seed={seed}",
+        "model.chunk.split_loss_weight_image=0.3", "model.vocab_size=262", f"train.steps={steps}",
+        f"train.out_dir={run_dir}", f"train.seed={seed}",
         "train.export_at_end=true", "train.save_every=0", "train.progress=false", "data.batch_size=8",
         "data.shuffle_buffer=500", f"optim.warmup_steps={max(steps // 20, 1)}"], data=base)
 
@@ -255,9 +256,11 @@ def run_demo(out: str | Path = "demo_out", steps: int = 1500, seed: int = 0) -> 
     t_train = time.time() - t0
 
     results: dict[str, dict] = {}
+    models = {}
     held_vqa = None
     for name, path in exports.items():
         model, tok = load_exported(path)
+        models[name] = model
         torch.manual_seed(seed)
         r = {}
         for suite, data in (("text", specs["held"]["text"]), ("vqa", specs["held"]["vqa"]),
@@ -273,11 +276,10 @@ def run_demo(out: str | Path = "demo_out", steps: int = 1500, seed: int = 0) -> 
               f"(blank images: {r['vqa_blank_images']['overall']:.1f}%), "
               f"grounding Acc@0.5 {r['grounding'].get('accuracy', 0):.1f}%", flush=True)
 
-    concept_model, tok = load_exported(exports["ConceptMoE"])
     blind = _blind_vqa_baseline(specs["train"]["vqa"], held_vqa)
     metrics = {name: read_jsonl(Path(p).parent / "metrics.jsonl") for name, p in exports.items()}
     plots = _plots(out, metrics)
-    plots["boundaries"] = _boundary_picture(out, {"ConceptMoE": concept_model}, tok, specs["held"]["caption"])
+    plots["boundaries"] = _boundary_picture(out, {"ConceptMoE": models["ConceptMoE"]}, tok, specs["held"]["caption"])
     summary = {"steps": steps, "seed": seed, "train_seconds": t_train, "total_seconds": time.time() - t0,
                "results": results, "blind_vqa": blind, "plots": plots,
                "final_train_ratio": {m: metrics["ConceptMoE"][-1].get(f"eval_ratio/{m}") for m in ("text", "image")}}

@@ -13,7 +13,6 @@ sorted layout is processed one expert at a time: identical math, measured slower
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn

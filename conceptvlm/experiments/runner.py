@@ -11,13 +11,14 @@ variant (at the target R and at the ratio it realised on held-out data).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "docs" / "results"
@@ -310,8 +311,6 @@ def rescore_held_ratios(name: str, runs_root: str | Path = "runs/experiments",
     """Add held-out per-modality ratios to the VLM rows of ``NAME.json`` that lack them
     (rows written before they were measured), from each run's exported model.
     Returns how many rows were updated."""
-    import fcntl
-
     import torch
 
     from conceptvlm.export import load_exported
@@ -322,10 +321,10 @@ def rescore_held_ratios(name: str, runs_root: str | Path = "runs/experiments",
     runs_root = Path(runs_root)
     data = prepare_data(exp, runs_root / "_data")
     path = Path(results_dir) / f"{exp['name']}.json"
-    with open(path, "r+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        rows = json.loads(f.read())
-        done = 0
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment {exp['name']}: no result rows at {path}")
+    done = 0
+    with _locked_rows(path) as rows:
         for row in rows:
             export = run_dir_of(exp, row, runs_root) / "export"
             if "ratio" in row["held"] or not export.exists():
@@ -334,14 +333,13 @@ def rescore_held_ratios(name: str, runs_root: str | Path = "runs/experiments",
             torch.manual_seed(row["seed"])
             row["held"]["ratio"] = realised_ratios_vlm(model, tok, data["held"])
             done += 1
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(rows, indent=1))
     return done
 
 
-def append_result(row: dict, path: Path) -> None:
-    """Append ``row`` to the JSON list at ``path`` (under an exclusive lock: runs may share a file)."""
+@contextlib.contextmanager
+def _locked_rows(path: Path) -> Iterator[list]:
+    """The JSON list of rows at ``path`` (created if missing), written back on exit, under
+    an exclusive lock: runs may share a file."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,10 +348,16 @@ def append_result(row: dict, path: Path) -> None:
         f.seek(0)
         text = f.read()
         rows = json.loads(text) if text.strip() else []
-        rows.append(row)
+        yield rows
         f.seek(0)
         f.truncate()
         f.write(json.dumps(rows, indent=1))
+
+
+def append_result(row: dict, path: Path) -> None:
+    """Append ``row`` to the JSON list at ``path``."""
+    with _locked_rows(path) as rows:
+        rows.append(row)
 
 
 def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs/experiments",

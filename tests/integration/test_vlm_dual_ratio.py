@@ -6,6 +6,7 @@ import torch
 
 from conceptvlm.data import DataConfig, Source, build_loader, load_tokenizer
 from conceptvlm.data.synthetic import write_synthetic_shards
+from conceptvlm.experiments.runner import realised_ratios_vlm
 from helpers import tiny_vlm
 
 TARGET_TEXT, TARGET_IMAGE = 1.5, 3.0
@@ -20,18 +21,17 @@ def test_per_modality_targets_hold_on_held_out_samples(tmp_path):
     vlm = tiny_vlm(dtype=torch.float32, chunk={"target_ratio_text": TARGET_TEXT, "target_ratio_image": TARGET_IMAGE,
                                                "ratio_loss_weight_text": 1.0, "ratio_loss_weight_image": 0.3})
 
-    def loader(split: str, train: bool):
-        spec = "{000000..000001}" if train else "000000"
-        sources = [Source(str(tmp_path / split / f"{k}-{spec}.tar"), k) for k in ("caption", "vqa")]
+    def train_loader():
+        sources = [Source(str(tmp_path / "train" / f"{k}-{{000000..000001}}.tar"), k) for k in ("caption", "vqa")]
         cfg = DataConfig(seq_len=256, batch_size=8, image_tokens_per_image=vlm.tokens_per_image, seed=0,
-                         epochs=None if train else 1, shuffle_buffer=200 if train else 0)
+                         shuffle_buffer=200)
         return build_loader(sources, tok, cfg, image_transform=vlm.image_processor)
 
     steps = 300
     opt = torch.optim.AdamW(vlm.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     vlm.train()
-    batches = iter(loader("train", True))
+    batches = iter(train_loader())
     first_loss = None
     for _ in range(steps):
         b = next(batches)
@@ -42,16 +42,8 @@ def test_per_modality_targets_hold_on_held_out_samples(tmp_path):
         opt.step()
         sched.step()
 
-    vlm.eval()
-    tokens = {"text": 0, "image": 0}
-    bounds = {"text": 0, "image": 0}
-    with torch.no_grad():
-        for b in loader("held", False):
-            out = vlm(b["input_ids"], doc_ids=b["doc_ids"], images=b["images"])
-            for m, s in out.chunk_stats.items():
-                tokens[m] += int(s["tokens"])
-                bounds[m] += int(s["boundaries"])
-    realised = {m: tokens[m] / bounds[m] for m in tokens}
+    held = {k: [str(tmp_path / "held" / f"{k}-000000.tar")] for k in ("caption", "vqa")}
+    realised = realised_ratios_vlm(vlm, tok, held)  # eval mode, eval-rule boundaries
     print(f"held-out realised ratios {realised} (targets text {TARGET_TEXT}, image {TARGET_IMAGE}); "
           f"first lm loss {first_loss:.3f}")
     assert abs(realised["text"] - TARGET_TEXT) / TARGET_TEXT < 0.15

@@ -24,12 +24,19 @@ def test_pieces_cover_text_within_limit():
     assert all(len(p) <= 100 for p in ps) and "".join(ps) == text
 
 
-def test_runner_smoke_writes_a_result_row(tmp_path):
+def _run_yaml(tmp_path, name: str, text: str) -> tuple[list, list]:
+    """Write experiment ``name`` and run it under ``tmp_path``: (returned rows, saved rows)."""
     pytest.importorskip("deepspeed")
     from conceptvlm.experiments.runner import run_experiment
 
-    exp = tmp_path / "smoke.yaml"
-    exp.write_text("""
+    exp = tmp_path / f"{name}.yaml"
+    exp.write_text(text)
+    rows = run_experiment(str(exp), runs_root=tmp_path / "runs", results_dir=tmp_path / "results")
+    return rows, json.loads((tmp_path / "results" / f"{name}.json").read_text())
+
+
+def test_runner_smoke_writes_a_result_row(tmp_path):
+    rows, saved = _run_yaml(tmp_path, "smoke", """
 kind: text
 train_config: configs/train/tiny_text.yaml
 corpus: {heldout_pct: 20, max_chars: 256, max_files: 10}
@@ -40,8 +47,6 @@ overrides: [model.vocab_size=262, data.seq_len=64, data.batch_size=2, data.shuff
 variants:
   - {name: cosine-topk, router: cosine, R: 2.0, realloc: topk}
 """)
-    rows = run_experiment(str(exp), runs_root=tmp_path / "runs", results_dir=tmp_path / "results")
-    saved = json.loads((tmp_path / "results" / "smoke.json").read_text())
     assert len(rows) == len(saved) == 1
     row = saved[0]
     assert row["variant"] == "cosine-topk" and row["knob"] == {"top_k": 4}
@@ -81,11 +86,9 @@ def test_report_renders_from_fake_results(tmp_path):
 
 
 def test_vlm_runner_measures_held_out_ratios_and_rescore_restores_them(tmp_path):
-    pytest.importorskip("deepspeed")
-    from conceptvlm.experiments.runner import rescore_held_ratios, run_experiment
+    from conceptvlm.experiments.runner import rescore_held_ratios
 
-    exp = tmp_path / "vlm_smoke.yaml"
-    exp.write_text("""
+    _, rows = _run_yaml(tmp_path, "vlm_smoke", """
 kind: vlm
 train_config: configs/train/tiny_vlm.yaml
 synthetic: {caption: [16, 8], vqa: [16, 8], grounding: [8, 4], text: [8, 4]}
@@ -96,14 +99,13 @@ overrides: [model.vocab_size=262, data.batch_size=2, data.shuffle_buffer=4, opti
 variants:
   - {name: cosine, router: cosine, R: 1.5, overrides: [model.chunk.target_ratio_image=3.0]}
 """)
+    exp = str(tmp_path / "vlm_smoke.yaml")
     kw = dict(runs_root=tmp_path / "runs", results_dir=tmp_path / "results")
-    run_experiment(str(exp), **kw)
     path = tmp_path / "results" / "vlm_smoke.json"
-    rows = json.loads(path.read_text())
     ratio = rows[0]["held"]["ratio"]
     assert set(ratio) == {"text", "image"} and all(r >= 1 for r in ratio.values())
     del rows[0]["held"]["ratio"]  # a row written before held-out ratios were measured
     path.write_text(json.dumps(rows))
-    assert rescore_held_ratios(str(exp), **kw) == 1
+    assert rescore_held_ratios(exp, **kw) == 1
     assert json.loads(path.read_text())[0]["held"]["ratio"] == pytest.approx(ratio)
-    assert rescore_held_ratios(str(exp), **kw) == 0  # nothing left to add
+    assert rescore_held_ratios(exp, **kw) == 0  # nothing left to add
