@@ -22,7 +22,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(d_model, eps)
         self.moe = MoE(d_model, n_experts, top_k, expert_hidden, n_shared)
 
-    def forward(self, x_BLD: torch.Tensor, rope, vis: Visibility, z_BLD: Optional[torch.Tensor] = None,
+    def forward(self, x_BLD: torch.Tensor, rope: torch.Tensor, vis: Visibility, z_BLD: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> tuple[torch.Tensor, MoEOutput]:
         z = self.z_norm(z_BLD) if (self.z_norm is not None and z_BLD is not None) else None
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, vis, z, cache)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .attention import KVCache, Visibility, rope_cos_sin
+from .attention import KVCache, Visibility, rope_rotation
 from .block import Block
 from .config import ModelConfig
 from .moe import MoEOutput
@@ -40,8 +40,8 @@ class ConceptModel(nn.Module):
                 caches: Optional[list[KVCache]] = None) -> tuple[torch.Tensor, list[MoEOutput]]:
         cfg = self.cfg
         x0 = self.proj_in(c_BMD)
-        rope = rope_cos_sin(pos_BM, cfg.concept_d_model // cfg.concept_n_heads, cfg.rope_base,
-                            cfg.rope_scaling, x0.dtype)
+        rope = rope_rotation(pos_BM, cfg.concept_d_model // cfg.concept_n_heads, cfg.rope_base,
+                             cfg.rope_scaling, x0.dtype)
         vis = Visibility.build(doc_BM, valid_BM, caches[0] if caches else None)
         x, moe_outs = x0, []
         for loop in range(cfg.concept.loops):

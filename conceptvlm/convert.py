@@ -28,7 +28,7 @@ from .export import load_exported, save_model_dir
 from .train_config import TrainConfig, load_train_config
 from .vlm import ConceptVLM, VLMConfig
 
-NEW_PARAM_MARKERS = ("lm.router.", ".attn.uq.", ".attn.uk.", ".attn.uv.", ".z_norm.")
+NEW_PARAM_MARKERS = ("lm.router.", ".attn.uqkv.", ".z_norm.")
 
 
 def block_prefixes(cfg: ModelConfig, root: str = "lm.") -> list[str]:
@@ -68,7 +68,7 @@ def convert_state(base_state: dict[str, torch.Tensor], base: ModelConfig, target
                 nk = d + k[len(s):]
                 break
         if any(m in nk for m in NEW_PARAM_MARKERS) or nk not in target_keys:
-            if any(m in k for m in (".attn.uq.", ".attn.uk.", ".attn.uv.")) and bool(v.abs().max() > 0):
+            if ".attn.uqkv." in k and bool(v.abs().max() > 0):
                 raise ConfigError(f"baseline parameter {k} is non-zero: a model trained with joint decoding is "
                                   "not a plain MoE baseline (train the baseline with model.joint_decoding=false)")
             dropped.append(k)  # baseline joint projectors / router: the target starts them fresh

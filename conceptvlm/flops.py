@@ -6,7 +6,7 @@ checked against a model built on the meta device (:func:`built_parameter_counts`
 Definitions (per token, batch 1):
 
 * **parts** of the parameters: ``embedding`` (input table), ``lm_head`` (0 when tied),
-  ``attention`` (wq wk wv wo), ``joint_projectors`` (uq uk uv of the decoder),
+  ``attention`` (wqkv wo), ``joint_projectors`` (uqkv of the decoder),
   ``moe_router`` (expert gate), ``experts`` (routed SwiGLU experts), ``shared_experts``,
   ``chunk_router`` (the chunk module), ``concept_projections`` (proj_in / proj_out of a
   widened concept model) and ``norms``.
@@ -170,7 +170,7 @@ def _part_of(name: str) -> str:
         return "concept_projections"
     if "norm" in name.split(".")[-2]:
         return "norms"
-    if re.search(r"\.attn\.u[qkv]\.", name):
+    if ".attn.uqkv." in name:
         return "joint_projectors"
     if ".attn." in name:
         return "attention"

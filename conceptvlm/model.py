@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, RMSNorm, Visibility, rope_cos_sin
+from .attention import KVCache, RMSNorm, Visibility, rope_rotation
 from .block import Block
 from .chunk import (TEXT, ChunkRouter, Chunks, Previous, chunk_statistics, forced_boundaries, gather_rows,
                     locate_concepts, segment_positions)
@@ -186,7 +186,7 @@ class ConceptMoE(nn.Module):
         pos = pos1d if positions is None else positions.to(dev)
 
         moe_outs: list[MoEOutput] = []
-        rope = rope_cos_sin(pos, cfg.d_model // cfg.n_heads, cfg.rope_base, cfg.rope_scaling, h.dtype)
+        rope = rope_rotation(pos, cfg.d_model // cfg.n_heads, cfg.rope_base, cfg.rope_scaling, h.dtype)
         token_caches = None if state is None else state.encoder + state.decoder
         vis = Visibility.build(doc, valid, token_caches[0] if token_caches else None)
         for i, layer in enumerate(self.encoder):

@@ -80,10 +80,8 @@ def test_joint_decoding_baseline_is_refused(baseline, tmp_path):
     cfg["model"]["joint_decoding"] = True
     (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
     state = load_file(str(bad / WEIGHTS))
-    shape = state["lm.decoder.0.attn.wq.weight"].shape
-    state["lm.decoder.0.attn.uq.weight"] = torch.full(shape, 0.01)
-    for u in ("uk", "uv"):
-        state[f"lm.decoder.0.attn.{u}.weight"] = torch.zeros(state[f"lm.decoder.0.attn.w{u[1]}.weight"].shape)
+    shape = state["lm.decoder.0.attn.wqkv.weight"].shape
+    state["lm.decoder.0.attn.uqkv.weight"] = torch.full(shape, 0.01)
     state["lm.decoder.0.z_norm.weight"] = torch.ones(shape[1])
     save_file(state, str(bad / WEIGHTS))
     with pytest.raises(ConfigError, match="not a plain MoE"):
