@@ -308,6 +308,7 @@ def _report(out: Path, s: dict) -> None:
     for qt, prior in b["question_prior_per_type"].items():
         cells = " | ".join(f"{s['results'][n]['vqa']['perQuestionType'].get(qt, 0):.1f}" for n in names)
         type_rows.append(f"| {QUESTION_TYPE_NAMES.get(qt, qt)} | {cells} | {prior:.1f} |")
+    ratio = {m: "n/a" if r is None else f"{r:.2f}" for m, r in s["final_train_ratio"].items()}
     text = f"""# ConceptVLM demo report
 
 Tiny ConceptVLM (64x64 images, 2-block ViT, 4-layer MoE LM, 4 experts top-2) trained for
@@ -335,7 +336,7 @@ VQA accuracy (%) per question type:
 {chr(10).join(type_rows)}
 
 Realised compression on the last training batch (eval rule): text
-{s['final_train_ratio']['text']}, image {s['final_train_ratio']['image']} (targets 1.5 and 3).
+{ratio['text']}, image {ratio['image']} (targets 1.5 and 3).
 
 ## Loss curves
 
