@@ -20,6 +20,32 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig.from_dict(base)
 
 
+# Model variants every mechanism invariant is checked on: each router, looping with more
+# activated experts, a wider concept model (with GQA), no joint decoding, the output form.
+MODEL_VARIANTS = {
+    "cosine": {},
+    "linear": dict(chunk={"router": "linear"}),
+    "fixed": dict(chunk={"router": "fixed", "target_ratio_text": 2.5}),
+    "none": dict(chunk={"router": "none"}),
+    "loops_topk": dict(concept={"loops": 2, "top_k": 3}),
+    "wide": dict(concept={"d_model": 48, "n_heads": 4, "n_kv_heads": 2}),
+    "no_joint": dict(joint_decoding=False),
+    "output_form": dict(chunk={"residual_form": "output"}),
+}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0-255 plus specials: a lossless stand-in tokenizer for evaluator tests."""
+    pad_id, bos_id, eos_id, image_id, image_start_id, image_end_id = 256, 257, 258, 259, 260, 261
+    vocab_size = 262
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
 def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> ConceptMoE:
     torch.manual_seed(seed)
     return ConceptMoE(tiny_config(**overrides)).to(dtype).eval()

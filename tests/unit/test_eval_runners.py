@@ -11,18 +11,7 @@ from conceptvlm.eval.grounding_runner import GroundingSample, run_grounding
 from conceptvlm.eval.longctx import (loss_by_position, needle_prompt, passkey_prompt,
                                      position_buckets, run_retrieval)
 from conceptvlm.eval.vqa_runner import VQASample, run_vqa
-
-
-class ByteTokenizer:
-    pad_id, bos_id, eos_id, image_id, image_start_id, image_end_id = 256, 257, 258, 259, 260, 261
-    vocab_size = 262
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
+from helpers import ByteTokenizer
 
 TOK = ByteTokenizer()
 V = TOK.vocab_size

@@ -8,18 +8,7 @@ import torch
 
 from conceptvlm.eval.generate import greedy_generate
 from conceptvlm.eval.text import loglikelihood, multiple_choice, perplexity, read_corpus
-
-
-class ByteTokenizer:
-    """UTF-8 bytes 0-255 plus specials."""
-    pad_id, bos_id, eos_id, image_id, image_start_id, image_end_id = 256, 257, 258, 259, 260, 261
-    vocab_size = 262
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+from helpers import ByteTokenizer
 
 
 class CharTokenizer(ByteTokenizer):

@@ -2,18 +2,7 @@
 import pytest
 import torch
 
-from helpers import make_forced_all_boundaries, tiny_model
-
-VARIANTS = {
-    "cosine": {},
-    "linear": dict(chunk={"router": "linear"}),
-    "fixed": dict(chunk={"router": "fixed", "target_ratio_text": 2.5}),
-    "none": dict(chunk={"router": "none"}),
-    "loops_topk": dict(concept={"loops": 2, "top_k": 3}),
-    "wide": dict(concept={"d_model": 48, "n_heads": 4, "n_kv_heads": 2}),
-    "no_joint": dict(joint_decoding=False),
-    "output_form": dict(chunk={"residual_form": "output"}),
-}
+from helpers import MODEL_VARIANTS as VARIANTS, make_forced_all_boundaries, tiny_model
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

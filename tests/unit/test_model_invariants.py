@@ -4,18 +4,7 @@ import torch
 
 from conceptvlm.attention import Visibility, rope_rotation
 from conceptvlm.model import positions_in_document
-from helpers import make_forced_all_boundaries, tiny_model
-
-VARIANTS = {
-    "cosine": {},
-    "linear": dict(chunk={"router": "linear"}),
-    "fixed": dict(chunk={"router": "fixed"}),
-    "none": dict(chunk={"router": "none"}),
-    "cosine_loops_topk": dict(concept={"loops": 2, "top_k": 3}),
-    "cosine_wide": dict(concept={"d_model": 48, "n_heads": 4, "n_kv_heads": 4}),
-    "no_joint": dict(joint_decoding=False),
-    "output_form": dict(chunk={"residual_form": "output"}),
-}
+from helpers import MODEL_VARIANTS as VARIANTS, make_forced_all_boundaries, tiny_model
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -34,7 +23,7 @@ def test_causality_in_eval_mode(name):
         torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["cosine", "linear", "fixed", "cosine_loops_topk"])
+@pytest.mark.parametrize("name", ["cosine", "linear", "fixed", "loops_topk"])
 def test_packed_documents_do_not_see_each_other(name):
     model = tiny_model(**VARIANTS[name])
     g = torch.Generator().manual_seed(1)
@@ -46,7 +35,7 @@ def test_packed_documents_do_not_see_each_other(name):
     torch.testing.assert_close(out[:, :17], model(a).logits, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["cosine", "linear", "fixed", "cosine_loops_topk", "cosine_wide"])
+@pytest.mark.parametrize("name", ["cosine", "linear", "fixed", "loops_topk", "wide"])
 def test_batch_independence_with_padding(name):
     model = tiny_model(**VARIANTS[name])
     g = torch.Generator().manual_seed(2)
