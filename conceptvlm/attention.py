@@ -50,12 +50,13 @@ def rope_rotation(positions: torch.Tensor, head_dim: int, base: float, scaling: 
         angles = pos * inv_freq
     else:
         angles = pos[..., None] * inv_freq  # [B, L, hd/2]
-    real = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.polar(torch.ones_like(angles), angles).to(_complex_of(real))[:, None]
+    # Angles stay float64 until here: large positions keep their precision.
+    return torch.polar(torch.ones_like(angles), angles).to(_rotation_dtype(dtype).to_complex())[:, None]
 
 
-def _complex_of(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
+def _rotation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Real dtype RoPE rotates in: float64 stays, everything else uses float32 (no bf16 complex)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def apply_rope(x_BHLd: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -65,8 +66,7 @@ def apply_rope(x_BHLd: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     multiply (three ops instead of the ten of the cos/sin form: decode steps are
     op-bound). Half precision rotates in float32 (there is no bf16 complex type).
     """
-    real = torch.float64 if x_BHLd.dtype == torch.float64 else torch.float32
-    xc = torch.view_as_complex(x_BHLd.to(real).unflatten(-1, (-1, 2)))
+    xc = torch.view_as_complex(x_BHLd.to(_rotation_dtype(x_BHLd.dtype)).unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * rot).flatten(-2).to(x_BHLd.dtype)
 
 
