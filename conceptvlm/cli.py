@@ -43,6 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .convert import add_convert_parser
     from .train import add_train_parser
     from .bench import inference as inference_bench
+    from .bench import scan as scan_bench
     from .data import bench as data_bench
     from .data import cli as data_cli
     from .eval import cli as eval_cli
@@ -61,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data_cli.register(sub)
     data_bench.register_bench(bench_kinds)
     inference_bench.register_bench(bench_kinds)
+    scan_bench.register_bench(bench_kinds)
     flops.register(sub)
     experiments.register(sub)
     args = parser.parse_args(argv)

@@ -17,26 +17,70 @@ import torch.nn.functional as F
 from .chunk import Chunks, gather_rows
 
 
-def ema_scan(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+SCAN_BLOCK = 32  # positions per block: 16 and 32 measured alike at D512, 32 better at D64
+
+
+def ema_scan(x: torch.Tensor, p: torch.Tensor, block: int = SCAN_BLOCK) -> torch.Tensor:
     """``z_j = p_j x_j + (1 - p_j) z_{j-1}``, ``z_{-1} = 0``, along dim 1 of ``x [B, M, D]``.
 
-    A Hillis-Steele parallel scan over the affine maps ``z -> a z + b`` with
-    ``a = 1 - p``, ``b = p x``: ``ceil(log2 M)`` vectorised steps, each composing every
-    element with the one ``s`` places earlier. Only products and sums are used, so it
+    A blocked scan over the affine maps ``z -> a z + b`` (``a = 1 - p``, ``b = p x``):
+
+    1. inside each block of ``block`` positions, the recurrence runs from ``z = 0``, one
+       step per position but vectorised over every block at once (``block`` ops, each
+       over ``M / block`` rows);
+    2. each block is then one map ``(A, Z)`` = (product of its ``a``, its local end
+       state); a Hillis-Steele scan over the ``M / block`` block maps gives the state
+       carried into every block;
+    3. ``z = local + cumprod(a within the block) * carry``.
+
+    A few passes over ``x`` instead of the ``log2 M`` full-size passes of a scan over
+    positions (``conceptvlm bench scan``: about 1.8x the time of ``x.clone()`` at B4
+    M4096 D512, where the Hillis-Steele scan over positions took 3.9x; 40-60x faster than
+    the loop at D64). Only products and sums are used, so it
     is exact at ``p = 0`` and ``p = 1`` (a log-space cumsum would take ``log(0)``) and
     differentiable everywhere.
     """
     if x.dim() != 3 or p.shape != x.shape[:2]:
         raise ValueError(f"ema_scan expects x [B, M, D] and p [B, M], got {tuple(x.shape)} and {tuple(p.shape)}")
-    a = (1.0 - p).unsqueeze(-1).to(x.dtype)  # [B, M, 1]
-    b = p.unsqueeze(-1).to(x.dtype) * x  # [B, M, D]
-    M, s = x.shape[1], 1
-    while s < M:
-        # Compose (a_j, b_j) after (a_{j-s}, b_{j-s}): z = a_j (a_{j-s} z + b_{j-s}) + b_j.
-        b = torch.cat([b[:, :s], b[:, s:] + a[:, s:] * b[:, :-s]], dim=1)
-        a = torch.cat([a[:, :s], a[:, s:] * a[:, :-s]], dim=1)
+    B, M, D = x.shape
+    if M == 0:
+        return x.clone()
+    T = max(1, min(block, M))
+    pad = (-M) % T
+    a_BM, p_BM = (1.0 - p).to(x.dtype), p.to(x.dtype)
+    if pad:  # identity maps (a = 1, b = 0) past the end
+        a_BM, p_BM = F.pad(a_BM, (0, pad), value=1.0), F.pad(p_BM, (0, pad))
+        x = F.pad(x, (0, 0, 0, pad))
+    n = (M + pad) // T
+    a_BnT, p_BnT, x_BnTD = a_BM.view(B, n, T), p_BM.view(B, n, T), x.view(B, n, T, D)
+
+    # 1. Local scans, every block at once: z_t = a_t z_{t-1} + p_t x_t (b = p x is never
+    #    materialised: one pass fewer over x).
+    z = p_BnT[:, :, 0, None] * x_BnTD[:, :, 0]
+    local = [z]
+    for t in range(1, T):
+        z = torch.addcmul(a_BnT[:, :, t, None] * z, p_BnT[:, :, t, None], x_BnTD[:, :, t])
+        local.append(z)
+    z_BnTD = torch.stack(local, 2)
+    if n == 1:
+        return z_BnTD.view(B, T, D)[:, :M]
+
+    # 2. Carries: scan over block maps (A_k, Z_k); the carry into block k is the
+    #    state after block k-1.
+    decay_BnT = torch.cumprod(a_BnT, 2)  # prod of a from the block start to t
+    A_Bn, Z_BnD = decay_BnT[:, :, -1], local[-1]  # not a view of z_BnTD (updated in place below)
+    s = 1
+    while s < n:
+        Z_BnD = torch.cat([Z_BnD[:, :s], torch.addcmul(Z_BnD[:, s:], A_Bn[:, s:, None], Z_BnD[:, :-s])], 1)
+        A_Bn = torch.cat([A_Bn[:, :s], A_Bn[:, s:] * A_Bn[:, :-s]], 1)
         s *= 2
-    return b
+    carry_BnD = F.pad(Z_BnD[:, :-1], (0, 0, 1, 0))
+
+    # 3. Every position gets the carry decayed by the a's since its block start. In
+    #    place: a fresh full-size output would cost page faults on CPU (stack's
+    #    backward does not need its result, so autograd allows it).
+    z_BnTD.addcmul_(decay_BnT.unsqueeze(-1), carry_BnD.unsqueeze(2))
+    return z_BnTD.view(B, n * T, D)[:, :M]
 
 
 def straight_through_one(conf: torch.Tensor) -> torch.Tensor:
