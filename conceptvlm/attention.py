@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import packed_attention
+from .packed_attention import Segments, segment_attention
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -93,9 +96,12 @@ def attention_mask(doc_q_BL: torch.Tensor, doc_k_BS: torch.Tensor, valid_k_BS: t
 class Visibility:
     """Who may attend to whom in one call of a layer stack; built once, shared by its layers.
 
-    ``mask`` is ``[B, 1, L, S]`` or None. With no mask, ``causal`` selects the fused
-    causal kernel (a fresh single-document row without padding) and ``not causal``
-    lets the queries see every key (one new token over a cache of its own document).
+    ``mask`` is ``[B, 1, L, S]`` or None. With no mask, ``segments`` (long packed rows
+    over an empty cache) runs each document as its own causal sequence
+    (:mod:`.packed_attention`, no ``L x S`` mask); otherwise ``causal`` selects the
+    fused causal kernel (a fresh single-document row without padding) and ``not
+    causal`` lets the queries see every key (one new token over a cache of its own
+    document).
     """
 
     doc: torch.Tensor  # [B, L] of the new tokens
@@ -107,15 +113,25 @@ class Visibility:
     # document. Decided once per stack (all its caches hold the same keys), so the
     # caches need no per-layer check.
     cache_uniform: bool = True
+    segments: Optional[Segments] = None
 
     @classmethod
-    def build(cls, doc_BL: torch.Tensor, valid_BL: torch.Tensor, cache: Optional["KVCache"] = None) -> "Visibility":
+    def build(cls, doc_BL: torch.Tensor, valid_BL: torch.Tensor, cache: Optional["KVCache"] = None,
+              min_segment_row: Optional[int] = None) -> "Visibility":
+        """``min_segment_row``: rows at least this long use per-document attention
+        instead of a dense mask (default ``packed_attention.MIN_SEGMENT_ROW``; 0: always
+        where possible, which tests use to compare the two)."""
+        if min_segment_row is None:
+            min_segment_row = packed_attention.MIN_SEGMENT_ROW
         all_valid = bool(valid_BL.all())
         one_doc = all_valid and bool((doc_BL == doc_BL[:, :1]).all())
         L = doc_BL.shape[1]
         if cache is None or cache.length == 0:
-            mask = None if one_doc else attention_mask(doc_BL, doc_BL, valid_BL)
-            return cls(doc_BL, valid_BL, mask, True, all_valid, one_doc)
+            if one_doc:
+                return cls(doc_BL, valid_BL, None, True, all_valid, one_doc)
+            segments = Segments.build(doc_BL, valid_BL) if L >= min_segment_row else None
+            mask = None if segments is not None else attention_mask(doc_BL, doc_BL, valid_BL)
+            return cls(doc_BL, valid_BL, mask, True, all_valid, one_doc, segments)
         doc_k, valid_k = cache.doc_valid()
         uniform = one_doc and cache.uniform and bool((doc_k[:, -1] == doc_BL[:, 0]).all())
         if L == 1 and uniform:
@@ -228,6 +244,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             k, v, _, _ = cache.append(k, v, vis.doc, vis.valid, vis.cache_uniform)
+        if vis.segments is not None:
+            return self.wo(segment_attention(q, k, v, vis.segments))
         gqa = self.n_heads != self.n_kv_heads
         if vis.mask is None and not vis.causal:
             out = single_query_attention(q, k, v)
