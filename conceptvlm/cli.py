@@ -44,6 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .train import add_train_parser
     from .bench import inference as inference_bench
     from .bench import scan as scan_bench
+    from .bench import train as train_bench
     from .data import bench as data_bench
     from .data import cli as data_cli
     from .eval import cli as eval_cli
@@ -63,6 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data_bench.register_bench(bench_kinds)
     inference_bench.register_bench(bench_kinds)
     scan_bench.register_bench(bench_kinds)
+    train_bench.register_bench(bench_kinds)
     flops.register(sub)
     experiments.register(sub)
     args = parser.parse_args(argv)

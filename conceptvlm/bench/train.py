@@ -1,0 +1,299 @@
+"""``conceptvlm bench train``: a full training step of ConceptMoE against the same MoE without chunking.
+
+For each model config and row length, in one process: a packed row of several
+documents, forward + backward + AdamW step, the two models' steps interleaved
+(baseline, ConceptMoE, baseline, ...) so a busy moment of the machine hits both; the
+median step time of each. Reported beside it:
+
+* the FLOPs-predicted speed-up: training FLOPs = 3 x (linear FLOPs per token x tokens +
+  attention-map FLOPs summed over the row's documents), :mod:`conceptvlm.flops`;
+* peak memory of one step (the process's peak RSS, reset before the step through
+  ``/proc/self/clear_refs``), to check it grows linearly in L;
+* MFU on this machine: achieved FLOP/s over the FLOP/s of a large float32 matmul timed
+  in the same run with the same threads.
+
+ConceptMoE uses the ``fixed`` router here so the ratio is exactly R (a learned router's
+ratio depends on its training).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .common import print_table, write_json
+from .inference import BenchModel, _parse_length
+
+DEFAULT_LENGTHS = (2048, 4096, 8192, 16384)
+TINY_YAML = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
+
+
+def bench_configs(name: str, max_len: int, ratio: float):
+    """``(baseline, ConceptMoE)`` configs: ``efficiency`` (the inference benchmark's
+    headline model) or ``tiny`` (configs/model/tiny.yaml), ConceptMoE with the fixed router."""
+    from ..config import ModelConfig
+    from ..flops import baseline_of
+
+    if name == "efficiency":
+        base = BenchModel().baseline(max_len)
+    elif name == "tiny":
+        base = baseline_of(ModelConfig.from_yaml(TINY_YAML))
+    else:
+        raise ValueError(f"unknown bench config {name!r} (efficiency, tiny)")
+    d = base.to_dict()
+    d["max_seq_len"] = max(d["max_seq_len"], max_len)
+    baseline = ModelConfig.from_dict(d)
+    d["chunk"].update(router="fixed", target_ratio_text=ratio, target_ratio_image=ratio)
+    d["joint_decoding"] = True
+    return baseline, ModelConfig.from_dict(d)
+
+
+def document_lengths(L: int, n_docs: int, generator: torch.Generator) -> list[int]:
+    """``n_docs`` lengths summing to ``L``, each within 0.5-1.5x of ``L / n_docs``."""
+    w = 0.5 + torch.rand(n_docs, generator=generator, dtype=torch.float64)
+    lengths = (w / w.sum() * L).floor().long()
+    lengths[-1] += L - int(lengths.sum())
+    return lengths.tolist()
+
+
+def training_flops(cfg, doc_lengths: Sequence[int], ratio: Optional[float] = None) -> float:
+    """Forward + backward FLOPs of one packed row (backward = 2x forward)."""
+    from ..flops import attention_map_flops, linear_flops_per_token
+
+    L = sum(doc_lengths)
+    fwd = linear_flops_per_token(cfg, ratio)["all"] * L
+    fwd += sum(attention_map_flops(cfg, n, ratio)["all"] for n in doc_lengths)
+    return 3.0 * fwd
+
+
+def matmul_flops_per_s(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a float32 ``n x n`` matmul with the current threads (the machine's peak we can reach)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2.0 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _reset_peak_rss() -> bool:
+    """Hand freed heap back to the OS (else a step reusing another model's freed memory
+    shows no growth), then reset the kernel's peak-RSS counter."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> Optional[int]:
+    try:
+        m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+class _Trainer:
+    """One model, its AdamW and a fixed packed row: ``step()`` is a full training step."""
+
+    def __init__(self, cfg, ids, doc, seed: int):
+        from ..model import ConceptMoE
+
+        torch.manual_seed(seed)
+        self.model = ConceptMoE(cfg).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.ids, self.doc = ids, doc
+
+    def step(self) -> float:
+        out = self.model(self.ids, labels=self.ids, doc_ids=self.doc)
+        out.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    def peak_step_bytes(self) -> Optional[int]:
+        """Peak RSS during one step above the RSS before it (None where Linux's counter is missing)."""
+        import gc
+
+        gc.collect()
+        if not _reset_peak_rss():
+            return None
+        before = _peak_rss_bytes()
+        self.step()
+        after = _peak_rss_bytes()
+        return None if before is None or after is None else after - before
+
+
+def run_train_bench(configs: Sequence[str] = ("efficiency", "tiny"), lengths: Sequence[int] = DEFAULT_LENGTHS,
+                    ratio: float = 2.0, n_docs: int = 4, steps: int = 3, threads: Optional[int] = None,
+                    seed: int = 0, out: Optional[str] = "runs/bench/train.json", plot: Optional[str] = None) -> dict:
+    """Time training steps of each config's baseline and ConceptMoE side by side; print and save."""
+    if threads:
+        torch.set_num_threads(threads)
+    lengths = sorted(int(L) for L in lengths)
+    peak = matmul_flops_per_s()
+    print(f"bench train: batch 1, float32, {torch.get_num_threads()} threads, {n_docs} documents per row, "
+          f"R={ratio:g} (fixed router); dense matmul {peak / 1e9:.1f} GFLOP/s", flush=True)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for name in configs:
+        base_cfg, cmoe_cfg = bench_configs(name, max(lengths), ratio)
+        for L in lengths:
+            docs = document_lengths(L, n_docs, g)
+            ids = torch.randint(0, base_cfg.vocab_size, (1, L), generator=g)
+            doc = torch.repeat_interleave(torch.arange(n_docs), torch.tensor(docs))[None]
+            trainers = {"baseline": _Trainer(base_cfg, ids, doc, seed), "conceptmoe": _Trainer(cmoe_cfg, ids, doc, seed)}
+            memory = {k: t.peak_step_bytes() for k, t in trainers.items()}  # also the warm-up step
+            times: dict[str, list[float]] = {k: [] for k in trainers}
+            for _ in range(steps):
+                for k, t in trainers.items():
+                    times[k].append(_timed(t.step))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            flops = {"baseline": training_flops(base_cfg, docs), "conceptmoe": training_flops(cmoe_cfg, docs, ratio)}
+            row = {"config": name, "length": L, "documents": docs, "step_s": med, "samples": times,
+                   "tokens_per_s": {k: L / v for k, v in med.items()}, "peak_step_bytes": memory,
+                   "train_flops": flops, "speedup": med["baseline"] / med["conceptmoe"],
+                   "predicted": flops["baseline"] / flops["conceptmoe"],
+                   "mfu": {k: flops[k] / med[k] / peak for k in med}}
+            row["vs_predicted"] = row["speedup"] / row["predicted"]
+            rows.append(row)
+            print(f"  {name:<10} L={L:>6}: step {med['baseline']:.2f}s -> {med['conceptmoe']:.2f}s "
+                  f"({row['speedup']:.2f}x, predicted {row['predicted']:.2f}x); MFU {100 * row['mfu']['baseline']:.0f}% / "
+                  f"{100 * row['mfu']['conceptmoe']:.0f}%", flush=True)
+            del trainers
+    table = print_table(
+        ["config", "L", "base tok/s", "CMoE tok/s", "speed-up", "predicted", "% of pred", "base MFU", "CMoE MFU",
+         "base peak MB", "CMoE peak MB"],
+        [[r["config"], r["length"], r["tokens_per_s"]["baseline"], r["tokens_per_s"]["conceptmoe"],
+          f"{r['speedup']:.2f}", f"{r['predicted']:.2f}", f"{100 * r['vs_predicted']:.0f}%",
+          f"{100 * r['mfu']['baseline']:.0f}%", f"{100 * r['mfu']['conceptmoe']:.0f}%",
+          _mb(r["peak_step_bytes"]["baseline"]), _mb(r["peak_step_bytes"]["conceptmoe"])] for r in rows])
+    goals = train_goals(rows)
+    for line in goals["lines"]:
+        print(line)
+    payload = {"config": {"configs": list(configs), "lengths": lengths, "ratio": ratio, "documents_per_row": n_docs,
+                          "steps": steps, "threads": torch.get_num_threads(), "matmul_flops_per_s": peak},
+               "rows": rows, "goals": goals, "table": table}
+    if out:
+        path = write_json(out, payload)
+        print(f"wrote {path}")
+        plot = plot or str(path.with_suffix(".png"))
+    if plot:
+        plot_train(rows, plot)
+        print(f"wrote {plot}")
+    return payload
+
+
+def _mb(n: Optional[int]) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f}"
+
+
+def memory_fit(lengths: Sequence[int], peaks: Sequence[float]) -> dict:
+    """Least-squares ``a + b L + c L^2`` of peak memory; ``quadratic_share`` = ``c L^2 / peak`` at the longest L."""
+    import numpy as np
+
+    L = np.asarray(lengths, dtype=float)
+    y = np.asarray(peaks, dtype=float)
+    c, b, a = np.polyfit(L, y, 2)  # needs 3 or more lengths
+    share = float(c * L[-1] ** 2 / y[-1]) if y[-1] else float("nan")
+    return {"a": float(a), "b": float(b), "c": float(c), "quadratic_share": share}
+
+
+def train_goals(rows: list[dict]) -> dict:
+    """Issue 20's goals: speed-up >= 90% of predicted at L >= 4k; peak memory linear in L
+    (quadratic term < 10% of the peak at the longest length); the efficiency baseline at
+    >= 40% MFU at 4k."""
+    lines, met = [], {}
+    bad = [f"{r['config']} L={r['length']}: {100 * r['vs_predicted']:.0f}%" for r in rows
+           if r["length"] >= 4096 and r["vs_predicted"] < 0.9]
+    long = [r for r in rows if r["length"] >= 4096]
+    met["speedup_90pct"] = (not bad) if long else None
+    lines.append("goal speed-up >= 90% of predicted at L >= 4k: "
+                 + ("not measured" if not long else "met" if not bad else "MISSED (" + "; ".join(bad) + ")"))
+    for name in sorted({r["config"] for r in rows}):
+        rs = [r for r in rows if r["config"] == name and r["peak_step_bytes"]["baseline"] is not None]
+        if len(rs) < 3:
+            continue
+        for k in ("baseline", "conceptmoe"):
+            fit = memory_fit([r["length"] for r in rs], [r["peak_step_bytes"][k] for r in rs])
+            ok = fit["quadratic_share"] < 0.10
+            met[f"memory_linear/{name}/{k}"] = ok
+            lines.append(f"goal peak memory linear in L ({name} {k}): quadratic term "
+                         f"{100 * fit['quadratic_share']:.1f}% of the peak at {rs[-1]['length']} "
+                         f"{'met' if ok else 'MISSED'}")
+    at4k = [r for r in rows if r["config"] == "efficiency" and r["length"] == 4096]
+    if at4k:
+        m = at4k[0]["mfu"]["baseline"]
+        met["mfu_40pct_4k"] = m >= 0.4
+        lines.append(f"goal efficiency baseline MFU >= 40% at 4k: {100 * m:.0f}% {'met' if m >= 0.4 else 'MISSED'}")
+    return {"met": met, "lines": lines}
+
+
+def plot_train(rows: list[dict], path: str) -> None:
+    """Measured (solid) vs predicted (dashed) speed-up, and peak step memory, against L."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, name in enumerate(sorted({r["config"] for r in rows})):
+        rs = [r for r in rows if r["config"] == name]
+        x = [r["length"] for r in rs]
+        ax1.plot(x, [r["speedup"] for r in rs], "o-", color=f"C{i}", label=f"{name} measured")
+        ax1.plot(x, [r["predicted"] for r in rs], "--", color=f"C{i}", alpha=0.7, label=f"{name} predicted")
+        for k, style in (("baseline", "s:"), ("conceptmoe", "o-")):
+            y = [r["peak_step_bytes"][k] for r in rs]
+            if all(v is not None for v in y):
+                ax2.plot(x, [v / 2**20 for v in y], style, color=f"C{i}", label=f"{name} {k}")
+    for ax, title, ylabel in ((ax1, "training step speed-up over the MoE", "speed-up"),
+                              (ax2, "peak memory of one step", "MB above the step's start")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("row length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run(args: argparse.Namespace) -> int:
+    lengths = (512, 1024) if args.quick else [_parse_length(s) for s in args.lengths]
+    run_train_bench(configs=["tiny"] if args.quick else args.configs, lengths=lengths, ratio=args.ratio,
+                    n_docs=args.docs, steps=2 if args.quick else args.steps, threads=args.threads, seed=args.seed,
+                    out=args.out, plot=args.plot)
+    return 0
+
+
+def register_bench(bench_subparsers: "argparse._SubParsersAction") -> None:
+    """Add ``train`` to the ``bench`` command's subparsers."""
+    p = bench_subparsers.add_parser("train", help="training-step speed, memory and MFU: ConceptMoE vs MoE")
+    p.add_argument("--configs", nargs="+", choices=["efficiency", "tiny"], default=["efficiency", "tiny"])
+    p.add_argument("--lengths", nargs="+", default=[str(L) for L in DEFAULT_LENGTHS], help="row lengths (2k 4k ...)")
+    p.add_argument("--ratio", type=float, default=2.0)
+    p.add_argument("--docs", type=int, default=4, help="documents packed in each row")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="tiny config, lengths 512 1024, 2 steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench/train.json")
+    p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+    p.set_defaults(func=_run)
