@@ -12,7 +12,7 @@ def _run(args: argparse.Namespace) -> int:
 
     run_experiment(args.name, quick=args.quick, runs_root=args.runs, results_dir=args.results,
                    variants=args.variants.split(",") if args.variants else None, seeds=ints(args.seeds),
-                   steps=args.steps, threads=args.threads)
+                   steps=args.steps, threads=args.threads, extra_overrides=args.override)
     return 0
 
 
@@ -31,6 +31,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import estimate, load_timing, measure_all
+
+    timing = measure_all(args.results, only=args.only.split(",") if args.only else None) if args.measure \
+        else load_timing(args.results)
+    total = 0.0
+    for e in estimate(timing):
+        if not e["measured"]:
+            print(f"{e['stage']}: {e['experiment']}: not measured (conceptvlm experiment plan --measure)")
+            continue
+        total += e["hours"]
+        print(f"{e['stage']}: {e['experiment']}: {e['runs']} runs x {e['steps']:,} steps at {e['step_s']:.2f} s "
+              f"+ evaluation = {e['hours']:.1f} CPU hours")
+    print(f"total: {total:.1f} CPU hours")
+    return 0
+
+
 def register(sub: "argparse._SubParsersAction") -> None:
     from .runner import RESULTS_DIR
 
@@ -43,6 +60,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
     run.add_argument("--seeds", default="", help="comma-separated seeds (default: the YAML's)")
     run.add_argument("--steps", type=int, default=None)
     run.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    run.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="train-config override for every variant (after the YAML's), e.g. optim.lr=2e-3; repeatable")
     run.add_argument("--runs", default="runs/experiments", help="where run folders go")
     run.add_argument("--results", default=str(RESULTS_DIR), help="where NAME.json result rows are appended")
     run.set_defaults(func=_run)
@@ -52,6 +71,11 @@ def register(sub: "argparse._SubParsersAction") -> None:
     rs.add_argument("--runs", default="runs/experiments")
     rs.add_argument("--results", default=str(RESULTS_DIR))
     rs.set_defaults(func=_rescore)
+    plan = kinds.add_parser("plan", help="the second protocol's plan and its CPU-hour estimate")
+    plan.add_argument("--measure", action="store_true", help="time each stage's heaviest variant on this machine")
+    plan.add_argument("--only", default="", help="comma-separated experiments to (re)measure")
+    plan.add_argument("--results", default=str(RESULTS_DIR))
+    plan.set_defaults(func=_plan)
     rep = kinds.add_parser("report", help="render docs/results.md + plots from the result JSONs")
     rep.add_argument("--results", default=str(RESULTS_DIR))
     rep.add_argument("--out", default=None, help="markdown path (default: RESULTS/../results.md)")

@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from . import run2
+from .protocol import ratio_matched
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "docs" / "results"
 EXPERIMENTS_DIR = REPO / "configs" / "experiments"
@@ -38,13 +41,11 @@ def load_experiment(name: str, quick: bool = False) -> dict:
     exp.setdefault("name", Path(name).stem)
     exp["all_variants"] = list(exp["variants"])
     if quick and exp.get("quick"):
-        q = exp["quick"]
-        exp["steps"] = q.get("steps", exp["steps"])
-        exp["seeds"] = q.get("seeds", exp["seeds"])
-        if "variants" in q:
-            keep = set(q["variants"])
-            exp["variants"] = [v for v in exp["variants"] if v["name"] in keep]
-        exp["eval_limit"] = q.get("eval_limit", exp.get("eval_limit"))
+        for key, value in exp["quick"].items():  # steps, seeds, eval_limit, corpus_large, ...
+            if key == "variants":
+                exp["variants"] = [v for v in exp["variants"] if v["name"] in set(value)]
+            else:
+                exp[key] = value
     return exp
 
 
@@ -64,11 +65,18 @@ def machine() -> str:
 
 
 def _git_rev() -> str:
+    """The checkout's short revision, with ``+dirty`` when code the runs execute differs
+    from it (uncommitted changes under the package folders), so such rows never pass for
+    rows of a clean revision."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "conceptvlm", "data", "vision", "eval", "configs")
     except (OSError, subprocess.SubprocessError):
         return ""
+    return rev + ("+dirty" if rev and dirty else "")
 
 
 # ------------------------------------------------------------------------------- data
@@ -87,14 +95,19 @@ def prepare_data(exp: dict, root: Path) -> dict:
     from conceptvlm.data.synthetic import write_synthetic_shards
 
     specs: dict[str, dict[str, list[str]]] = {"train": {}, "held": {}}
+    from conceptvlm.data.grounding_cells import write_cell_shards
+
     for kind, (n_train, n_held) in exp["synthetic"].items():
         for split, n, start in (("train", n_train, 0), ("held", n_held, 10**6)):
             d = root / "synthetic" / split / f"{kind}-{n}"  # experiments with other sizes don't share
             if not d.exists():
-                write_synthetic_shards(kind, d, num=n, shard_size=500, seed=0, start_index=start)
+                if kind == "cells":  # the grounding-cell task (VQA samples)
+                    write_cell_shards(d, num=n, shard_size=500, seed=0, start_index=start)
+                else:
+                    write_synthetic_shards(kind, d, num=n, shard_size=500, seed=0, start_index=start)
             specs[split][kind] = sorted(str(p) for p in d.glob("*.tar"))
     weights = exp.get("weights", {})
-    return {"train_sources": [{"shards": s, "kind": k, "weight": float(weights.get(k, 1.0))}
+    return {"train_sources": [{"shards": s, "kind": "vqa" if k == "cells" else k, "weight": float(weights.get(k, 1.0))}
                               for k, s in specs["train"].items()],
             "held": specs["held"], "train_eval": {}, "info": {"synthetic": exp["synthetic"]}}
 
@@ -187,12 +200,13 @@ def realised_ratios_vlm(model, tok, held: dict) -> dict:
 
     from conceptvlm.data import DataConfig, Source, build_loader
 
-    kinds = [k for k in ("caption", "vqa") if k in held]
+    kinds = [k for k in ("caption", "vqa", "cells") if k in held]
     if not kinds:
         return {}
     cfg = DataConfig(seq_len=256, batch_size=8, image_tokens_per_image=model.tokens_per_image, seed=0, epochs=1,
                      shuffle_buffer=0)
-    loader = build_loader([Source(held[k], k) for k in kinds], tok, cfg, image_transform=model.image_processor)
+    loader = build_loader([Source(held[k], "vqa" if k == "cells" else k) for k in kinds], tok, cfg,
+                          image_transform=model.image_processor)
     tokens: dict[str, int] = {}
     bounds: dict[str, int] = {}
     model.eval()
@@ -252,14 +266,21 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
 
     t0 = time.time()
     base = OmegaConf.to_container(OmegaConf.load(REPO / exp["train_config"]), resolve=True)
+    if exp.get("model_file"):  # the experiment's own model (protocol 2: configs/model/small.yaml)
+        base["model_file"] = exp["model_file"]
     if "model_file" in base and not Path(base["model_file"]).is_absolute():
         base["model_file"] = str(REPO / base["model_file"])
     base["data"]["sources"] = data["train_sources"]
     run_dir = run_dir_of(exp, {"quick": quick, "variant": variant["name"], "seed": seed}, runs_root)
+    v2 = exp.get("protocol", 1) == 2
     common = list(exp.get("overrides", [])) + [
-        f"train.steps={exp['steps']}", f"train.seed={seed}", f"train.out_dir={run_dir}",
+        f"train.seed={seed}", f"train.out_dir={run_dir}",
         "train.export_at_end=true", "train.save_every=0", "train.progress=false"]
+    if v2:  # same data order for every variant of a seed; one pass; the corpus' tokenizer
+        common += run2.data_overrides(data, seed)
     probe = load_train_config(None, overrides=common, data=base)
+    steps = run2.planned_steps(exp, data, probe.data.seq_len, probe.data.batch_size, probe.optim.grad_accum)
+    common.append(f"train.steps={steps}")
     ov, acct = variant_overrides(probe.model, variant)
     cfg = load_train_config(None, overrides=common + ov, data=base)
     model_cfg: ModelConfig = cfg.model
@@ -267,6 +288,7 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
         import shutil
 
         shutil.rmtree(run_dir)
+    fingerprint = run2.data_fingerprint(cfg) if v2 else None
     t_train = time.time()
     train(cfg)
     t_train = time.time() - t_train
@@ -275,14 +297,25 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     limit = exp.get("eval_limit")
     row: dict[str, Any] = {"experiment": exp["name"], "variant": variant["name"], "seed": seed,
                            "router": variant["router"], "R": float(variant.get("R", 2.0)) if variant["router"] != "none" else 1.0,
-                           "steps": exp["steps"], "quick": quick, "command": command, "machine": machine(),
+                           "steps": steps, "quick": quick, "command": command, "machine": machine(),
                            "git": exp.get("_git", _git_rev()), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data["info"],
                            "params_total": F.parameter_counts(model_cfg).n_total,
                            "params_activated": F.parameter_counts(model_cfg).n_activated, **acct}
     row["R_image"] = cfg.model.chunk.target_ratio_image if exp.get("kind", "text") == "vlm" else None
     row["tokens_per_step"] = cfg.data.seq_len * cfg.data.batch_size * cfg.optim.grad_accum
+    if fingerprint:
+        row["data_order"] = fingerprint
     row["train"] = _train_ratios(run_dir / "metrics.jsonl")
-    if exp.get("kind", "text") == "text":
+    if v2 and exp.get("kind", "text") == "text":
+        window = run2.check_window(cfg, exp.get("eval_window"))
+        row.update(protocol=2, lr=cfg.optim.lr, tokenizer=data["info"]["tokenizer"],
+                   epochs_seen=run2.epochs_seen(cfg, run_dir, data))
+        t_eval = time.time()
+        row["held"] = run2.evaluate_text(model, tok, data["held"], window, limit)
+        row["eval_wall_s"] = time.time() - t_eval
+        realised = row["held"]["all"]["realised_ratio"]
+        row.update(run2.compute_fields(model_cfg, variant["router"], row["R"], realised, window))
+    elif exp.get("kind", "text") == "text":
         row["held"] = _evaluate_text(model, tok, data["held"], limit)
         if exp.get("eval_train", False):
             row["train_eval"] = _evaluate_text(model, tok, data["train_eval"], limit)
@@ -290,6 +323,17 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     else:
         row["held"] = _evaluate_vlm(model, tok, data["held"], limit, run_dir)
         row["held"]["ratio"] = realised_ratios_vlm(model, tok, data["held"])
+        if "cells" in data["held"]:
+            from .grounding import evaluate_cells
+
+            t_eval = time.time()
+            row["held"]["cells"] = evaluate_cells(model, tok, data["held"]["cells"], limit)
+            row["eval_wall_s"] = time.time() - t_eval
+            ratio = row["held"]["ratio"]
+            row.update(protocol=2, image_order=cfg.image.image_order, image_positions=cfg.image.image_positions,
+                       matched=variant["router"] == "none" or (
+                           ratio_matched(ratio.get("text"), row["R"])
+                           and ratio_matched(ratio.get("image"), row["R_image"])))
         if variant["router"] != "none":
             pic = Path(exp.get("_results_dir", RESULTS_DIR)) / f"{exp['name']}_{variant['name']}_s{seed}_boundaries.png"
             row["boundary_picture"] = boundary_picture(model, tok, data["held"], pic, f"{variant['name']} seed {seed}")
@@ -362,8 +406,10 @@ def append_result(row: dict, path: Path) -> None:
 
 def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs/experiments",
                    results_dir: str | Path = RESULTS_DIR, variants: Optional[list[str]] = None,
-                   seeds: Optional[list[int]] = None, steps: Optional[int] = None, threads: int = 1) -> list[dict]:
-    """Run every (variant, seed) of experiment ``name``; appends rows to ``RESULTS/NAME.json``."""
+                   seeds: Optional[list[int]] = None, steps: Optional[int] = None, threads: int = 1,
+                   extra_overrides: Optional[list[str]] = None) -> list[dict]:
+    """Run every (variant, seed) of experiment ``name``; appends rows to ``RESULTS/NAME.json``.
+    ``extra_overrides`` (``key=value``) apply to every variant, after the YAML's own."""
     import torch
 
     torch.set_num_threads(threads)
@@ -386,14 +432,21 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
         command += " --seeds " + ",".join(map(str, seeds))
     if steps is not None:
         command += f" --steps {steps}"
+    for o in extra_overrides or []:
+        if "=" not in o:
+            raise ValueError(f"--override {o!r} is not key=value")
+        command += f" --override {o}"
+    exp["overrides"] = list(exp.get("overrides", [])) + list(extra_overrides or [])
     exp["_results_dir"] = str(results_dir)
     exp["_git"] = _git_rev()  # the code this process runs, even if the checkout moves on meanwhile
     runs_root = Path(runs_root)
-    data = prepare_data(exp, runs_root / "_data")
+    data = (run2.prepare_text_data(exp, runs_root / "_data") if exp.get("protocol", 1) == 2
+            and exp.get("kind", "text") == "text" else prepare_data(exp, runs_root / "_data"))
     rows = []
     for seed in exp["seeds"]:
         for v in exp["variants"]:
-            print(f"[experiment {exp['name']}] {v['name']} seed {seed}: {exp['steps']} steps", flush=True)
+            print(f"[experiment {exp['name']}] {v['name']} seed {seed}: "
+                  f"{exp.get('steps') or str(exp.get('epochs', 1)) + ' epoch(s)'}", flush=True)
             row = run_one(exp, v, seed, data, runs_root, quick, command)
             append_result(row, Path(results_dir) / f"{exp['name']}.json")
             held = row["held"].get("all", row["held"].get("text", {}))

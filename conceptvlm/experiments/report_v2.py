@@ -1,0 +1,352 @@
+"""Sections of ``docs/results.md`` for the second protocol (``protocol: 2`` experiments).
+
+One table per experiment and form (full / quick), built from the latest row of each
+(variant, seed); a table whose rows come from more than one git revision (or from a
+checkout with uncommitted changes) is flagged and gets no verdicts. Verdicts come from
+the claims the experiment YAML pre-registers (:mod:`.stats`): paired differences over
+the seeds two variants share, rows outside +-5% of their target ratio left out.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Callable, Optional
+
+from . import stats as S
+from .grounding import GATE_WITHIN_ONE
+
+METRICS: dict[str, tuple[str, Callable[[dict], Optional[float]], bool]] = {
+    # name: (label, value of a row, lower is better)
+    "held_bpb": ("held-out bpb (english + code)", lambda r: r["held"].get("all", {}).get("bits_per_byte"), True),
+    "ood_bpb": ("bpb on the held-out source", lambda r: r["held"].get("ood", {}).get("bits_per_byte"), True),
+    "cell_accuracy": ("cell accuracy", lambda r: r["held"].get("cells", {}).get("accuracy"), False),
+}
+
+
+def latest(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    """``{variant: {seed: row}}``, the last row written for each."""
+    out: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in rows:
+        out[r["variant"]][r["seed"]] = r
+    return out
+
+
+def revision_problem(rows: list[dict]) -> Optional[str]:
+    revs = sorted({r.get("git") or "?" for r in rows})
+    if len(revs) > 1:
+        return f"rows from {len(revs)} revisions ({', '.join(revs)}): rerun the table at one revision"
+    if revs[0].endswith("+dirty") or revs[0] == "?":
+        return f"rows from revision {revs[0]} (uncommitted or unknown code): rerun from a clean checkout"
+    return None
+
+
+def pairing_problem(by: dict[str, dict[int, dict]]) -> Optional[str]:
+    """Seeds whose variants did not read the same data (different ``data_order``)."""
+    orders: dict[int, set] = defaultdict(set)
+    for seeds in by.values():
+        for s, r in seeds.items():
+            if r.get("data_order"):
+                orders[s].add(r["data_order"])
+    bad = sorted(s for s, o in orders.items() if len(o) > 1)
+    return f"seed(s) {bad} read different data across variants: not paired" if bad else None
+
+
+def _f(m: float, sd: Optional[float], nd: int = 3) -> str:
+    if m != m:
+        return "–"
+    return f"{m:.{nd}f}" + (f" ± {sd:.{nd}f}" if sd is not None else "")
+
+
+def _col(rows: list[dict], f: Callable[[dict], Optional[float]], nd: int = 3) -> str:
+    return _f(*S.mean_sd([f(r) for r in rows]), nd=nd)
+
+
+def text_table(by: dict[str, dict[int, dict]]) -> list[str]:
+    lines = ["| variant | router | R | re-spent by | lr | seeds | held bpb | english | code | held-out source (ood) | "
+             "realised ratio | matched (±5%) | linear FLOPs/token | attention FLOPs/token | epochs seen | train s |",
+             "|" + "---|" * 16]
+    for v, seeds in by.items():
+        rs = [seeds[s] for s in sorted(seeds)]
+        r0 = rs[0]
+        knob = ", ".join(f"{k}={x}" for k, x in r0.get("knob", {}).items()) or "–"
+        ep = {}
+        for r in rs:
+            for k, x in r.get("epochs_seen", {}).items():
+                ep.setdefault(k, []).append(x)
+        epochs = ", ".join(f"{k} {sum(x) / len(x):.2f}" for k, x in ep.items()) or "–"
+        matched = sum(bool(r.get("matched")) for r in rs)
+        lines.append(
+            f"| {v} | {r0['router']} | {r0['R']:g} | {r0.get('realloc', 'none')} ({knob}) | {r0.get('lr', '–')} | "
+            f"{','.join(str(r['seed']) for r in rs)} | {_col(rs, METRICS['held_bpb'][1])} | "
+            f"{_col(rs, lambda r: r['held'].get('english', {}).get('bits_per_byte'))} | "
+            f"{_col(rs, lambda r: r['held'].get('code', {}).get('bits_per_byte'))} | {_col(rs, METRICS['ood_bpb'][1])} | "
+            f"{_col(rs, lambda r: r['held']['all'].get('realised_ratio'), 2)} | {matched}/{len(rs)} | "
+            f"{r0.get('flops_linear_per_token', float('nan')):,.0f} | {r0.get('flops_attention_per_token', float('nan')):,.0f} | "
+            f"{epochs} | {_col(rs, lambda r: r['train_wall_s'], 0)} |")
+    return lines
+
+
+def cells_table(by: dict[str, dict[int, dict]]) -> list[str]:
+    lines = ["| variant | image R | order | positions | seeds | cell accuracy | within one cell | row error | "
+             "column error | realised ratio text | image | matched (±5%) | train s |", "|" + "---|" * 13]
+    for v, seeds in by.items():
+        rs = [seeds[s] for s in sorted(seeds)]
+        r0 = rs[0]
+        cell = lambda key: (lambda r: r["held"].get("cells", {}).get(key))  # noqa: E731
+        ratio = lambda m: (lambda r: r["held"].get("ratio", {}).get(m))  # noqa: E731
+        rimg = "1" if r0["router"] == "none" else f"{r0.get('R_image')}"
+        lines.append(f"| {v} | {rimg} | {r0.get('image_order', '?')} | {r0.get('image_positions', '?')} | "
+                     f"{','.join(str(r['seed']) for r in rs)} | {_col(rs, cell('accuracy'))} | "
+                     f"{_col(rs, cell('within_one'))} | {_col(rs, cell('row_error'), 2)} | "
+                     f"{_col(rs, cell('col_error'), 2)} | {_col(rs, ratio('text'), 2)} | {_col(rs, ratio('image'), 2)} | "
+                     f"{sum(bool(r.get('matched')) for r in rs)}/{len(rs)} | {_col(rs, lambda r: r['train_wall_s'], 0)} |")
+    return lines
+
+
+def _values(by: dict, variant: str, metric: str) -> tuple[dict[int, float], int]:
+    """``{seed: value}`` of the matched rows of ``variant``, and how many were left out."""
+    f = METRICS[metric][1]
+    out, dropped = {}, 0
+    for s, r in by.get(variant, {}).items():
+        if not r.get("matched", True):
+            dropped += 1
+            continue
+        x = f(r)
+        if x is not None:
+            out[s] = float(x)
+    return out, dropped
+
+
+def _link(by: dict, a: str, b: str, metric: str) -> tuple[str, S.Paired, str]:
+    """Verdict of "a better than b" on ``metric``, its paired difference, a note."""
+    label, _, lower = METRICS[metric]
+    va, da = _values(by, a, metric)
+    vb, db = _values(by, b, metric)
+    p = S.paired(va, vb) if lower else S.paired(vb, va)  # always "a - b" in the better direction's sign
+    verdict = S.verdict_less(p)
+    notes = []
+    if da or db:
+        notes.append(f"{da + db} not-matched row(s) left out")
+    n = S.seeds_needed(p.sd, p.mean)
+    if p.n >= 2 and verdict == S.INCONCLUSIVE:
+        notes.append(f"~{n} seeds would resolve a difference this size" if n else
+                     "more than 50 seeds would be needed at this spread")
+    if 0 < p.n < S.MIN_SEEDS_HEADLINE:
+        notes.append(f"{p.n} paired seed(s), fewer than {S.MIN_SEEDS_HEADLINE}")
+    return verdict, p, "; ".join(notes)
+
+
+def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
+    out = []
+    for c in exp.get("claims", []):
+        head = f"**Claim: {c['text']}**"
+        if "chain" in c:
+            links = [_link(by, a, b, c["metric"]) for a, b in zip(c["chain"], c["chain"][1:])]
+            verdict = S.combine([v for v, _, _ in links])
+            sign = "−" if METRICS[c["metric"]][2] else "(b − a)"
+            parts = [f"{a} vs {b}: {v}, {sign} paired difference {p.fmt()}" + (f" ({note})" if note else "")
+                     for (a, b), (v, p, note) in zip(zip(c["chain"], c["chain"][1:]), links)]
+            out.append(f"- {head}: **{verdict}**. " + "; ".join(parts) + ".")
+        elif "not_worse" in c:
+            a, b = c["not_worse"]
+            va, da = _values(by, a, c["metric"])
+            vb, db = _values(by, b, c["metric"])
+            p = S.paired(va, vb)
+            if c.get("gated") and gate_ok is not True:
+                out.append(f"- {head}: **not compared (gate not passed)**; {a} − {b} {p.fmt()}.")
+                continue
+            v = S.verdict_not_worse(p, float(c.get("margin", 0.0)))
+            left = f"; {da + db} not-matched row(s) left out" if da or db else ""
+            out.append(f"- {head}: **{v}**. {a} − {b}: {p.fmt()} (margin {c.get('margin', 0)}){left}.")
+        elif "ratios" in c:
+            parts, verdicts = [], []
+            for v in c["ratios"]:
+                rs = list(by.get(v, {}).values())
+                if not rs:
+                    continue
+                for mod, target in (("text", rs[0]["R"]), ("image", rs[0].get("R_image"))):
+                    vals = [r["held"].get("ratio", {}).get(mod) for r in rs]
+                    vals = [x for x in vals if x is not None]
+                    if not vals or not target:
+                        continue
+                    verdict, lo, hi = S.verdict_within(vals, float(target), 0.05)
+                    verdicts.append(verdict)
+                    m = S.mean_sd(vals)[0]
+                    ci = f"[95% CI {100 * lo:+.1f}%, {100 * hi:+.1f}%]" if lo == lo else "(1 seed, no interval)"
+                    parts.append(f"{v} {mod} {m:.2f} vs {target:g}: {100 * (m / target - 1):+.1f}% {ci} → {verdict}")
+            out.append(f"- {head}: **{S.combine(verdicts) if verdicts else S.INCONCLUSIVE}**. " + "; ".join(parts) + ".")
+    return out
+
+
+def gate(exp: dict, by: dict) -> tuple[Optional[bool], str]:
+    g = exp.get("gate")
+    if not g:
+        return None, ""
+    rs = list(by.get(g["variant"], {}).values())
+    vals = [r["held"].get("cells", {}).get(g["metric"]) for r in rs]
+    vals = [x for x in vals if x is not None]
+    if not vals:
+        return False, f"Gate: no {g['variant']} rows yet: **gate not passed**."
+    m = sum(vals) / len(vals)
+    need = float(g.get("at_least", GATE_WITHIN_ONE))
+    ok = m >= need
+    return ok, (f"Gate: {g['variant']} reaches {100 * m:.1f}% within one cell (needs ≥ {100 * need:.0f}%): "
+                + ("**gate passed**, merging variants are compared." if ok else "**gate not passed**: merging "
+                   "variants are not compared (train longer or change the task before reading them)."))
+
+
+def overlap_line(row: dict) -> str:
+    info = row.get("data", {})
+    ov = info.get("overlap", {})
+    if not ov:
+        return ""
+    parts = [f"{k.split('/')[1]} {v['shared_chars']:,} of {v['chars']:,} chars ({100 * v['fraction']:.3f}%)"
+             for k, v in ov.items()]
+    cut = info.get("dropped_chars_for_overlap", {})
+    return ("Held-out overlap with training (characters inside a 64-character run that also occurs in the training "
+            "split, measured by rolling hash over every window): " + "; ".join(parts)
+            + (". Cut from the held-out pieces before scoring: " + ", ".join(f"{k.split('/')[1]} {v:,} chars"
+                                                                              for k, v in cut.items()) if cut else "")
+            + ".")
+
+
+def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
+    lines = [f"## {name}", "", f"Claim under test: {exp.get('claim', '–')}", ""]
+    forms = defaultdict(list)
+    for r in rows:
+        forms[r["quick"]].append(r)
+    for quick, rs in sorted(forms.items()):
+        by = latest(rs)
+        rows_used = [r for seeds in by.values() for r in seeds.values()]
+        r_last = rows_used[-1]
+        lines += [f"### {'quick form (pipeline check, not evidence)' if quick else 'full'}", "",
+                  "Command(s): " + "; ".join(f"`{c}`" for c in sorted({r['command'] for r in rows_used})) + "  ",
+                  f"Machine: {r_last['machine']}  ",
+                  f"Wall time: {sum(r['wall_s'] for r in rows_used):.0f} s in all ({len(rows_used)} runs); "
+                  f"steps per run {', '.join(str(s) for s in sorted({r['steps'] for r in rows_used}))}; "
+                  f"git {', '.join(sorted({r.get('git') or '?' for r in rows_used}))}; last run {r_last['time']}.  "]
+        info = r_last.get("data", {})
+        if "tokenizer" in info:
+            lines.append(f"Data: tokenizer {info['tokenizer']} ({info.get('bytes_per_token', 1):.2f} training bytes "
+                         f"per token); documents {json.dumps(info.get('docs'))}; mixing weights "
+                         f"{json.dumps({k: round(v, 3) for k, v in info.get('weights', {}).items()})}.  ")
+            lines.append(overlap_line(r_last))
+        lines.append("")
+        problem = revision_problem(rows_used) or pairing_problem(by)
+        if problem:
+            lines += [f"**Verdicts withheld**: {problem}.", ""]
+        kind_cells = any("cells" in r["held"] for r in rows_used)
+        lines += (cells_table(by) if kind_cells else text_table(by)) + [""]
+        gate_ok, gate_line = gate(exp, by)
+        if gate_line:
+            lines += [gate_line, ""]
+        if not problem and not quick:
+            lines += claim_lines(exp, by, gate_ok) + [""]
+        elif quick:
+            lines += ["Quick forms check the pipeline; no verdicts are drawn from them.", ""]
+    return lines
+
+
+def not_run_lines(name: str, exp: dict) -> list[str]:
+    claims = "; ".join(c["text"] for c in exp.get("claims", [])) or exp.get("claim", "")
+    return [f"## {name}", "", f"**Not run yet** under the second protocol: no rows. Claims it will decide: {claims}.",
+            f"Command: `conceptvlm experiment run {name}` (pipeline check: `--quick`).", ""]
+
+
+# the paper's claims and where the second protocol decides each (experiment, claim id)
+PAPER_CLAIMS_V2 = [
+    ("Dynamic < No chunk < Fixed at matched compute", "chunking_v2", "dynamic-nochunk-fixed"),
+    ("cosine generalises better than linear", "chunking_v2", "cosine-generalises"),
+    ("per-modality ratios are reached", "grounding_cells", "modality-ratios"),
+    ("2D merging >= 1D on localisation", "grounding_cells", "2d-vs-1d"),
+]
+
+PROTOCOL_INTRO = [
+    "# Second protocol (issue 16)", "",
+    "What changed against the first protocol (kept below, superseded): held-out text is scored in windows of the "
+    "trained row length (512 tokens), every held-out document is scored, and the held-out split shares no "
+    "64-character run with training (measured below); the corpus is ~23 MB of English prose and Python code that "
+    "ships with Python and the installed packages (`conceptvlm/experiments/corpus_large.py`), with one package "
+    "(mpmath) held out whole; tokens are BPE (vocabulary 2048, fitted on the training split) with bytes as an "
+    "ablation; training reads the data once, mixed in proportion to size, and each row records the epochs it saw "
+    "per source; seeds are paired (seed s fixes the data order of every variant); `none` and `none-joint` are both "
+    "baselines; re-spent compute keeps 8 experts sparse (top-2 → top-4 at R = 2); a chunked row whose realised "
+    "held-out ratio misses its target by more than 5% is marked not matched and left out of verdicts; each claim "
+    "names its variants in advance and is judged on the paired 95% t-interval (holds / does not hold / "
+    "inconclusive); a table mixing git revisions gets no verdicts.", ""]
+
+
+def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[str]:
+    """One line per claim of the paper: its verdict, or that it has not been run."""
+    out = ["## Verdicts", ""]
+    for text, name, cid in PAPER_CLAIMS_V2:
+        full = [r for r in rows.get(name, []) if not r["quick"]]
+        claim = next((c for c in exps.get(name, {}).get("claims", []) if c["id"] == cid), None)
+        if not full or claim is None:
+            out.append(f"- **{text}**: not run yet under the second protocol (`conceptvlm experiment run {name}`); "
+                       "no verdict.")
+            continue
+        by = latest(full)
+        problem = revision_problem([r for s in by.values() for r in s.values()]) or pairing_problem(by)
+        if problem:
+            out.append(f"- **{text}**: verdict withheld ({problem}).")
+            continue
+        gate_ok, _ = gate(exps[name], by)
+        line = claim_lines({"claims": [claim]}, by, gate_ok)[0]
+        out.append(line.replace(f"**Claim: {claim['text']}**", f"**{text}**", 1))
+    return out + [""]
+
+
+def plan_lines(results_dir) -> list[str]:
+    from .plan import estimate, load_timing
+
+    timing = load_timing(results_dir)
+    out = ["## Plan and cost", "",
+           "Run in this order (each stage's command is in its section); the cost is measured with "
+           "`conceptvlm experiment plan --measure` (seconds per training step after warm-up and evaluation time "
+           "per scored unit of each stage's most expensive variant, on this machine) and multiplied out to the "
+           "full forms.", "",
+           "| stage | experiment | runs | steps per run | s per step | evaluation per run | CPU hours |",
+           "|---|---|---|---|---|---|---|"]
+    total, missing = 0.0, []
+    for e in estimate(timing):
+        if not e["measured"]:
+            missing.append(e["experiment"])
+            out.append(f"| {e['stage']} | {e['experiment']} | – | – | not measured | – | – |")
+            continue
+        total += e["hours"]
+        out.append(f"| {e['stage']} | {e['experiment']} | {e['runs']} | {e['steps']:,} | {e['step_s']:.2f} | "
+                   f"{e['eval_units']:,} {e['eval_unit']}s | {e['hours']:.1f} |")
+    t0 = next(iter(timing.values()), {})
+    if not timing:
+        return out + ["", "Not measured yet: `conceptvlm experiment plan --measure`.", ""]
+    out += ["", f"Total: **{total:.0f} CPU hours** (one process per run, 1 torch thread"
+            + (f"; measured on {t0.get('machine')} at git {t0.get('git')}" if t0 else "") + ")"
+            + (f"; not measured: {', '.join(missing)}" if missing else "") + ".", ""]
+    return out
+
+
+def second_protocol_lines(names: list[str], results_dir, experiments_dir) -> tuple[list[str], list[str]]:
+    """The second protocol's part of the page, and the names left for the first protocol."""
+    from omegaconf import OmegaConf
+
+    exps, rows, first = {}, {}, []
+    for name in names:
+        path = experiments_dir / f"{name}.yaml"
+        exp = OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else {}
+        if (exp or {}).get("protocol", 1) != 2:
+            first.append(name)
+            continue
+        exps[name] = exp
+        rpath = results_dir / f"{name}.json"
+        rows[name] = json.loads(rpath.read_text()) if rpath.is_file() else []
+    if not exps:
+        return [], first
+    from .plan import PLAN
+
+    lines = PROTOCOL_INTRO + verdict_summary(exps, rows) + plan_lines(results_dir)
+    order = [n for _, n, _ in PLAN if n in exps] + sorted(set(exps) - {n for _, n, _ in PLAN})
+    for name in order:
+        exp = exps[name]
+        lines += render_experiment(name, exp, rows[name]) if rows[name] else not_run_lines(name, exp)
+    return lines, first

@@ -1,0 +1,239 @@
+"""The second experiment protocol itself (issue 16): trained-length windows, the leakage
+check, seed pairing, the ±5% ratio rule, paired verdicts, the grounding-cell scorer."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conceptvlm.experiments import protocol as P
+from conceptvlm.experiments import stats as S
+
+
+# ------------------------------------------------------------------------- trained length
+def test_eval_window_never_exceeds_the_trained_row_length():
+    assert P.eval_window(512) == 512
+    assert P.eval_window(512, 256) == 256
+    with pytest.raises(ValueError, match="exceeds the trained row length"):
+        P.eval_window(256, 512)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 300])
+def test_scoring_windows_fit_the_trained_length_and_cover_every_token(n):
+    from conceptvlm.eval.text import rolling_windows
+
+    ids = list(range(10, 10 + n))
+    wins = rolling_windows(ids, bos_id=1, max_length=64)
+    assert all(len(inp) <= 64 for inp, _ in wins)
+    assert [t for _, tgt in wins for t in tgt] == ids
+    ratio_windows = P.windows_of([1] + ids, 64)
+    assert all(len(w) <= 64 for w in ratio_windows) and sum(ratio_windows, []) == [1] + ids
+
+
+# ------------------------------------------------------------------------------- leakage
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice("abcdefghij klmnop\n") for _ in range(n))
+
+
+def test_window_hashes_match_a_slow_reference():
+    text = _text(random.Random(1), 200)
+    h = P.window_hashes(text, 8)
+    same = {(i, j) for i in range(len(h)) for j in range(len(h)) if text[i:i + 8] == text[j:j + 8]}
+    assert {(i, j) for i in range(len(h)) for j in range(len(h)) if h[i] == h[j]} == same
+    assert len(P.window_hashes("x" * 7, 8)) == 0
+
+
+def test_overlap_finds_a_planted_64_char_run_and_a_clean_split_measures_zero():
+    rng = random.Random(0)
+    train = [_text(rng, 3000) for _ in range(3)]
+    held = [_text(rng, 2000) for _ in range(2)]
+    clean = P.overlap(train, held)
+    assert clean["shared_chars"] == 0 and clean["fraction"] == 0.0 and clean["docs"] == 2
+    planted = held[0][:500] + "#" + train[1][1000:1064] + "#" + held[0][500:]  # '#' is in no training text
+    leak = P.overlap(train, [planted, held[1]])
+    assert leak["shared_chars"] == 64 and leak["docs_with_shared_run"] == 1
+    mask = P.RunIndex(train).shared_mask(planted)
+    assert mask[501:565].all() and not mask[:501].any() and not mask[565:].any()
+    short = held[0][:500] + "#" + train[1][1000:1063] + "#" + held[0][500:]  # 63 characters: not a run
+    assert P.overlap(train, [short])["shared_chars"] == 0
+
+
+def test_clean_segments_cut_shared_runs_out_of_held_text():
+    from conceptvlm.experiments.corpus_large import clean_segments
+
+    rng = random.Random(2)
+    train = _text(rng, 4000)
+    a, b = _text(rng, 800), _text(rng, 900)
+    idx = P.RunIndex([train])
+    segs = clean_segments(a + "#" + train[100:300] + "#" + b, idx, min_chars=256)
+    assert segs == [a + "#", "#" + b]
+    assert P.overlap([train], segs)["shared_chars"] == 0
+
+
+# -------------------------------------------------------------------- matched compute
+@pytest.mark.parametrize("realised,ok", [(2.0, True), (2.1, True), (1.9, True), (2.11, False), (1.89, False),
+                                         (None, False), (float("nan"), False)])
+def test_ratio_within_five_percent_of_target(realised, ok):
+    assert P.ratio_matched(realised, 2.0) is ok
+
+
+def test_one_pass_steps_and_size_weights():
+    assert P.one_pass_steps(10_000, 1000) == 10 and P.one_pass_steps(10_999, 1000) == 10
+    assert P.one_pass_steps(10, 1000) == 1 and P.one_pass_steps(10_000, 1000, epochs=0.5) == 5
+    assert P.size_weights({"a": 30, "b": 10}) == {"a": 0.75, "b": 0.25}
+
+
+# --------------------------------------------------------------------------- statistics
+def test_paired_interval_and_verdicts_on_made_up_numbers():
+    b = {s: 3.0 + 0.1 * s for s in range(5)}
+    a = {s: b[s] + d for s, d in enumerate([-0.1, -0.2, -0.3, -0.2, -0.2])}
+    p = S.paired(a, b)
+    assert p.n == 5 and p.mean == pytest.approx(-0.2) and p.sd == pytest.approx(0.0707107, rel=1e-5)
+    half = 2.776445 * 0.0707107 / 5 ** 0.5  # t(0.975, 4)
+    assert (p.lo, p.hi) == pytest.approx((-0.2 - half, -0.2 + half), rel=1e-5)
+    assert S.verdict_less(p) == S.HOLDS
+    assert S.verdict_less(S.paired(b, a)) == S.FAILS
+    wide = S.paired({0: 1.0, 1: 1.0, 2: 1.0}, {0: 1.1, 1: 1.2, 2: 1.3})  # mean -0.2, half-width 0.248
+    assert S.verdict_less(wide) == S.INCONCLUSIVE
+    assert S.verdict_less(S.paired({0: 1.0}, {0: 2.0})) == S.INCONCLUSIVE  # one seed: no interval
+    assert S.combine([S.HOLDS, S.HOLDS]) == S.HOLDS
+    assert S.combine([S.HOLDS, S.INCONCLUSIVE]) == S.INCONCLUSIVE
+    assert S.combine([S.INCONCLUSIVE, S.FAILS]) == S.FAILS
+    assert S.verdict_not_worse(S.paired(a, b), margin=0.01) == S.FAILS  # a is worse (higher is better here)
+    assert S.verdict_not_worse(S.paired(b, a), margin=0.01) == S.HOLDS
+
+
+def test_seeds_needed_from_the_paired_spread():
+    assert S.seeds_needed(0.1, 0.2) == 5  # already resolved at the headline minimum
+    assert S.seeds_needed(0.1, 0.1) == 7  # t(5)/sqrt(6) = 1.05 > 1 >= t(6)/sqrt(7) = 0.92
+    assert S.seeds_needed(0.1, 0.001) is None and S.seeds_needed(None, 0.1) is None
+    assert S.verdict_within([2.0, 2.02, 1.98], 2.0, 0.05)[0] == S.HOLDS
+    assert S.verdict_within([3.0, 3.1, 2.9], 2.0, 0.05)[0] == S.FAILS
+
+
+def _row(variant, seed, bpb, router="cosine", matched=True, git="abc1234", order="o"):
+    return {"variant": variant, "seed": seed, "router": router, "R": 2.0, "quick": False, "matched": matched,
+            "git": git, "data_order": f"{order}{seed}", "held": {"all": {"bits_per_byte": bpb}}}
+
+
+def test_claims_leave_out_unmatched_rows_and_mixed_revisions_withhold_verdicts():
+    from conceptvlm.experiments.report_v2 import claim_lines, latest, pairing_problem, revision_problem
+
+    claim = {"claims": [{"id": "c", "text": "dyn < none", "chain": ["dyn", "none"], "metric": "held_bpb"}]}
+    rows = [_row("none", s, 3.0 + 0.01 * s, router="none") for s in range(5)]
+    rows += [_row("dyn", s, 2.8 + 0.01 * s + 0.005 * (s % 2)) for s in range(5)]
+    line = claim_lines(claim, latest(rows), None)[0]
+    assert "**holds**" in line and "over 5 seeds" in line
+    rows[-1]["matched"] = rows[-2]["matched"] = False  # seeds 3, 4 of dyn miss their ratio
+    line = claim_lines(claim, latest(rows), None)[0]
+    assert "over 3 seeds" in line and "2 not-matched row(s) left out" in line
+    assert revision_problem(rows) is None
+    rows[0]["git"] = "def5678"
+    assert "2 revisions" in revision_problem(rows)
+    for r in rows:
+        r["git"] = "abc1234+dirty"
+    assert "uncommitted" in revision_problem(rows)
+    assert pairing_problem(latest(rows)) is None
+    rows[1]["data_order"] = "other"
+    assert "[1]" in pairing_problem(latest(rows))
+
+
+# ------------------------------------------------------------------- grounding cells
+def test_cell_metrics_from_likelihoods_over_64_cells():
+    from conceptvlm.experiments.grounding import cell_metrics
+
+    scores = np.full((3, 64), -5.0)
+    scores[0, 2 * 8 + 3] = 0.0  # right: (2, 3)
+    scores[1, 4 * 8 + 1] = 0.0  # target (4, 3): row right, two columns off
+    scores[2, 7 * 8 + 6] = 0.0  # target (6, 6): one row off
+    m = cell_metrics(scores, [2, 4, 6], [3, 3, 6])
+    assert m["items"] == 3
+    assert m["accuracy"] == pytest.approx(1 / 3) and m["within_one"] == pytest.approx(2 / 3)
+    assert m["row_error"] == pytest.approx(1 / 3) and m["col_error"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        cell_metrics(np.zeros((2, 10)), [0, 0], [0, 0])
+
+
+def test_cell_samples_answer_the_centre_cell_of_the_named_shape():
+    from conceptvlm.data.grounding_cells import all_cell_answers, cell_sample
+
+    answers = all_cell_answers()
+    assert len(set(answers)) == 64
+    for i in range(30):
+        meta = json.loads(cell_sample(i)["json"])
+        assert cell_sample(i)["jpg"] == cell_sample(i)["jpg"]  # a pure function of (seed, index)
+        shape = next(s for s in meta["scene"] if s[1] == meta["colour"])
+        x1, y1, x2, y2 = shape[2]
+        assert (meta["row"], meta["col"]) == (int((y1 + y2) / 2 // 8), int((x1 + x2) / 2 // 8))
+        assert meta["answer"] == answers[meta["row"] * 8 + meta["col"]]
+        assert 1 <= len(meta["scene"]) <= 3 and len({s[1] for s in meta["scene"]}) == len(meta["scene"])
+
+
+def test_cell_loglikelihoods_match_one_forward_per_candidate():
+    import torch
+
+    from conceptvlm.data.grounding_cells import all_cell_answers
+    from conceptvlm.data.templates import Text, encode_parts, vqa_prompt
+    from conceptvlm.experiments.grounding import cell_loglikelihoods
+    from tests.helpers import ByteTokenizer, tiny_vlm
+
+    torch.manual_seed(0)
+    model, tok = tiny_vlm(), ByteTokenizer()
+    model.eval()
+    image = torch.rand(3, 64, 64, dtype=torch.float64)
+    got = cell_loglikelihoods(model, tok, image, "Where is the red shape?", model.tokens_per_image)
+    assert got.shape == (64,)
+    for k in (0, 27, 63):  # slow reference: one unpadded forward per candidate
+        ids, labels = encode_parts(vqa_prompt("Where is the red shape?") + [Text(" " + all_cell_answers()[k])], tok,
+                                   model.tokens_per_image, add_eos=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]), images=image[None]).logits[0], -1)
+        pos = np.flatnonzero(labels >= 0)
+        assert got[k] == pytest.approx(float(logp[pos - 1, torch.as_tensor(labels[pos])].sum()), abs=1e-4)
+
+
+# -------------------------------------------------------------------- end to end (quick)
+def test_protocol_2_quick_run_pairs_seeds_scores_at_trained_length_and_reports(tmp_path):
+    """Two variants x two seeds of a tiny protocol-2 experiment, a few steps each."""
+    pytest.importorskip("deepspeed")
+    from conceptvlm.experiments.report import render_report
+    from conceptvlm.experiments.runner import run_experiment
+
+    exps = tmp_path / "exps"
+    exps.mkdir()
+    (exps / "p2.yaml").write_text("""
+protocol: 2
+kind: text
+claim: smoke
+train_config: configs/train/tiny_text.yaml
+corpus_large: {max_units: 8, bpe_vocab: 300, heldout_pct: 40, max_chars: 512, min_segment: 64}
+tokenizer: bpe
+epochs: 0.5
+seeds: [0, 1]
+eval_limit: 2
+overrides: [data.seq_len=128, data.batch_size=4, data.shuffle_buffer=8, data.shuffle_initial=4, optim.warmup_steps=1]
+variants:
+  - {name: none, router: none, overrides: [model.joint_decoding=false]}
+  - {name: fixed-topk, router: fixed, R: 2.0, realloc: topk}
+claims:
+  - {id: c, text: "fixed < none", chain: [fixed-topk, none], metric: held_bpb}
+""")
+    results = tmp_path / "results"
+    rows = run_experiment(str(exps / "p2.yaml"), runs_root=tmp_path / "runs", results_dir=results)
+    assert len(rows) == 4
+    by = {(r["variant"], r["seed"]): r for r in rows}
+    assert by["none", 0]["data_order"] == by["fixed-topk", 0]["data_order"] != by["none", 1]["data_order"]
+    for r in rows:
+        assert r["protocol"] == 2 and r["held"]["window"] == 128  # the trained row length
+        assert r["steps"] >= 1 and set(r["epochs_seen"]) == {"english", "code"}
+        # half a pass (epochs: 0.5), each source about half read: the mix is proportional to size
+        assert all(0.25 < e < 0.75 for e in r["epochs_seen"].values()), (r["steps"], r["epochs_seen"])
+        assert r["data"]["overlap"]["held/english"]["shared_chars"] == 0
+        assert r["flops_linear_per_token"] > 0 and r["flops_attention_per_token"] > 0
+        assert r["tokenizer"] == "bpe-300" and "ood" in r["held"]
+    assert by["fixed-topk", 0]["knob"] == {"top_k": 4} and by["fixed-topk", 0]["matched"] is True
+    md = open(render_report(results_dir=results, out=tmp_path / "results.md", experiments_dir=exps)).read()
+    assert "# Second protocol" in md and "## p2" in md and "| fixed-topk | fixed | 2 |" in md
+    assert "Held-out overlap with training" in md and "english 0 of" in md
+    # a clean checkout draws the verdict, a dirty one withholds it: never both, never neither
+    assert ("**Claim: fixed < none**" in md) != ("Verdicts withheld" in md)
