@@ -446,7 +446,7 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
     for seed in exp["seeds"]:
         for v in exp["variants"]:
             print(f"[experiment {exp['name']}] {v['name']} seed {seed}: "
-                  f"{exp.get('steps') or str(exp.get('epochs', 1)) + ' epoch(s)'}", flush=True)
+                  + (f"{exp['steps']} steps" if exp.get("steps") else f"{exp.get('epochs', 1)} epoch(s)"), flush=True)
             row = run_one(exp, v, seed, data, runs_root, quick, command)
             append_result(row, Path(results_dir) / f"{exp['name']}.json")
             held = row["held"].get("all", row["held"].get("text", {}))
