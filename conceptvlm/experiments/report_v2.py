@@ -178,6 +178,22 @@ def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
     return out
 
 
+def best_lr_lines(by: dict[str, dict[int, dict]]) -> list[str]:
+    """For a learning-rate sweep (rows of one router at several lr): the lr with the lowest
+    mean held-out bpb per router, which the later stages take (``--override optim.lr=X``)."""
+    per: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for seeds in by.values():
+        for r in seeds.values():
+            x = METRICS["held_bpb"][1](r)
+            if r.get("lr") is not None and x is not None:
+                per[r["router"]][float(r["lr"])].append(x)
+    best = {router: min(lrs, key=lambda lr: sum(lrs[lr]) / len(lrs[lr])) for router, lrs in per.items() if len(lrs) > 1}
+    if not best:
+        return []
+    return ["Lowest held-out bpb per router: " + ", ".join(f"{k} at lr {v:g}" for k, v in best.items())
+            + " (the later stages' `--override optim.lr=X`).", ""]
+
+
 def gate(exp: dict, by: dict) -> tuple[Optional[bool], str]:
     g = exp.get("gate")
     if not g:
@@ -237,6 +253,7 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
             lines += [f"**Verdicts withheld**: {problem}.", ""]
         kind_cells = any("cells" in r["held"] for r in rows_used)
         lines += (cells_table(by) if kind_cells else text_table(by)) + [""]
+        lines += best_lr_lines(by)
         gate_ok, gate_line = gate(exp, by)
         if gate_line:
             lines += [gate_line, ""]

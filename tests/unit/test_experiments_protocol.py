@@ -138,6 +138,17 @@ def test_claims_leave_out_unmatched_rows_and_mixed_revisions_withhold_verdicts()
     assert "[1]" in pairing_problem(latest(rows))
 
 
+def test_lr_sweep_names_the_best_lr_per_router():
+    from conceptvlm.experiments.report_v2 import best_lr_lines, latest
+
+    rows = []
+    for lr, none_bpb, cos_bpb in ((1e-3, 3.2, 3.3), (2e-3, 3.1, 3.25), (4e-3, 3.15, 3.2)):
+        rows.append(dict(_row(f"none-{lr}", 0, none_bpb, router="none"), lr=lr))
+        rows.append(dict(_row(f"cosine-{lr}", 0, cos_bpb), lr=lr))
+    assert best_lr_lines(latest(rows))[0].startswith("Lowest held-out bpb per router: none at lr 0.002, cosine at lr 0.004")
+    assert best_lr_lines(latest(rows[:2])) == []  # one lr per router: not a sweep
+
+
 # ------------------------------------------------------------------- grounding cells
 def test_cell_metrics_from_likelihoods_over_64_cells():
     from conceptvlm.experiments.grounding import cell_metrics
