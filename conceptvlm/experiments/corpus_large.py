@@ -190,11 +190,13 @@ def write_large_corpus(out_dir: str | Path, spec: LargeCorpusSpec = LargeCorpusS
     ``OUT/manifest.json``; returns the manifest (reused when its spec matches)."""
     import webdataset as wds
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # the manifest's paths must outlive a symlinked or relative root
     man_path = out / "manifest.json"
     if man_path.exists():
         man = json.loads(man_path.read_text())
-        if man.get("spec") == json.loads(json.dumps(asdict(spec))):
+        paths = [Path(p) for shards in man.get("shards", {}).values() for p in shards]
+        paths += [Path(man["tokenizer"])] if "tokenizer" in man else []
+        if man.get("spec") == json.loads(json.dumps(asdict(spec))) and all(p.exists() for p in paths):
             return man
     parts = split(spec)
     index = parts.pop("_index")
