@@ -92,11 +92,10 @@ def prepare_data(exp: dict, root: Path) -> dict:
                 "held": {d: man["shards"][f"held/{d}"] for d in mix},
                 "train_eval": {d: man["shards"][f"train/{d}"] for d in mix},
                 "info": {"docs": man["docs"], "chars": man["chars"], "stdlib": man["stdlib"]}}
+    from conceptvlm.data.grounding_cells import write_cell_shards
     from conceptvlm.data.synthetic import write_synthetic_shards
 
     specs: dict[str, dict[str, list[str]]] = {"train": {}, "held": {}}
-    from conceptvlm.data.grounding_cells import write_cell_shards
-
     for kind, (n_train, n_held) in exp["synthetic"].items():
         for split, n, start in (("train", n_train, 0), ("held", n_held, 10**6)):
             d = root / "synthetic" / split / f"{kind}-{n}"  # experiments with other sizes don't share
