@@ -42,7 +42,10 @@ def measure(name: str, variant: str, steps: int = MEASURE_STEPS, eval_limit: int
 
     from .runner import experiment_path, run_dir_of, run_experiment
 
+    import os
+
     exp = load_experiment(name)
+    load_before = os.getloadavg()[0]  # other jobs on the machine slow the steps: recorded with them
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         cfg = OmegaConf.load(experiment_path(name))
@@ -62,7 +65,7 @@ def measure(name: str, variant: str, steps: int = MEASURE_STEPS, eval_limit: int
         eval_units, unit = sum(v.get("tokens", 0) for k, v in held.items() if isinstance(v, dict) and k != "all"), "token"
     return {"experiment": name, "variant": variant, "step_s": step_s, "eval_s": row["eval_wall_s"],
             "eval_units": eval_units, "eval_unit": unit, "measured_steps": steps, "wall_s": time.time() - t0,
-            "machine": machine(), "git": row.get("git"), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": machine(), "load_avg_1min": load_before, "git": row.get("git"), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "seeds": exp["seeds"], "n_variants": len(exp["all_variants"])}
 
 

@@ -323,23 +323,29 @@ def plan_lines(results_dir) -> list[str]:
            "`conceptvlm experiment plan --measure` (seconds per training step after warm-up and evaluation time "
            "per scored unit of each stage's most expensive variant, on this machine) and multiplied out to the "
            "full forms.", "",
-           "| stage | experiment | runs | steps per run | s per step | evaluation per run | CPU hours |",
-           "|---|---|---|---|---|---|---|"]
+           "| stage | experiment | runs | steps per run | s per step | evaluation per run | CPU hours | load when timed |",
+           "|---|---|---|---|---|---|---|---|"]
     total, missing = 0.0, []
+    import os
+
+    cores = os.cpu_count()
     for e in estimate(timing):
         if not e["measured"]:
             missing.append(e["experiment"])
-            out.append(f"| {e['stage']} | {e['experiment']} | – | – | not measured | – | – |")
+            out.append(f"| {e['stage']} | {e['experiment']} | – | – | not measured | – | – | – |")
             continue
         total += e["hours"]
         out.append(f"| {e['stage']} | {e['experiment']} | {e['runs']} | {e['steps']:,} | {e['step_s']:.2f} | "
-                   f"{e['eval_units']:,} {e['eval_unit']}s | {e['hours']:.1f} |")
+                   f"{e['eval_units']:,} {e['eval_unit']}s | {e['hours']:.1f} | "
+                   + (f"{load:.1f} on {cores} cores |" if (load := timing[e["experiment"]].get("load_avg_1min"))
+                      is not None else "– |"))
     t0 = next(iter(timing.values()), {})
     if not timing:
         return out + ["", "Not measured yet: `conceptvlm experiment plan --measure`.", ""]
     out += ["", f"Total: **{total:.0f} CPU hours** (one process per run, 1 torch thread"
-            + (f"; measured on {t0.get('machine')} at git {t0.get('git')}" if t0 else "") + ")"
-            + (f"; not measured: {', '.join(missing)}" if missing else "") + ".", ""]
+            + (f"; measured on {t0.get('machine')} at git {t0.get('git')}" if t0 else "")
+            + (f"; not measured: {', '.join(missing)}" if missing else "") + "). Steps were timed while other "
+            "jobs shared the machine (the load column): on idle cores expect less, with one process per core.", ""]
     return out
 
 
