@@ -248,3 +248,16 @@ claims:
     assert "Held-out overlap with training" in md and "english 0 of" in md
     # a clean checkout draws the verdict, a dirty one withholds it: never both, never neither
     assert ("**Claim: fixed < none**" in md) != ("Verdicts withheld" in md)
+
+
+def test_plan_estimate_multiplies_measured_times_out_to_the_full_forms():
+    from conceptvlm.experiments.plan import PLAN, estimate
+
+    name = PLAN[1][1]
+    timing = {name: {"step_s": 2.0, "eval_s": 10.0, "eval_units": 1000, "eval_unit": "token", "seeds": [0, 1, 2],
+                     "n_variants": 4, "full_steps": 900, "full_eval_units": 36_000}}
+    est = {e["experiment"]: e for e in estimate(timing)}
+    e = est[name]
+    assert e["runs"] == 12 and e["hours_per_run"] == pytest.approx((900 * 2.0 + 36 * 10.0) / 3600)
+    assert e["hours"] == pytest.approx(12 * e["hours_per_run"])
+    assert not est[PLAN[0][1]]["measured"]
