@@ -198,7 +198,7 @@ def test_cell_loglikelihoods_match_one_forward_per_candidate():
         ids, labels = encode_parts(vqa_prompt("Where is the red shape?") + [Text(" " + all_cell_answers()[k])], tok,
                                    model.tokens_per_image, add_eos=False)
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([ids]), images=image[None]).logits[0], -1)
+            logp = torch.log_softmax(model(torch.as_tensor(ids)[None], images=image[None]).logits[0], -1)
         pos = np.flatnonzero(labels >= 0)
         assert got[k] == pytest.approx(float(logp[pos - 1, torch.as_tensor(labels[pos])].sum()), abs=1e-4)
 
