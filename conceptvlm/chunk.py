@@ -16,17 +16,30 @@ evaluation thresholds ``b = [p >= threshold]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ChunkConfig
+from .loss import global_mean, reduce_sums
 
 # Modality ids of each position (the VLM's modality mask); markers belong to no loss.
 TEXT, IMAGE, MARKER = 0, 1, 2
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
+
+
+class RatioTargets(NamedTuple):
+    """Target compression ratio R (tokens per concept) of each modality's positions."""
+
+    text: float
+    image: float
+
+    @classmethod
+    def of(cls, cfg: ChunkConfig) -> "RatioTargets":
+        """The configured targets."""
+        return cls(cfg.target_ratio_text, cfg.target_ratio_image)
 
 
 def ratio_loss(boundary: torch.Tensor, prob: torch.Tensor, target_ratio: float,
@@ -146,7 +159,8 @@ class ChunkRouter(nn.Module):
             self.score = nn.Linear(2 * d_model, 1, bias=True)
 
     def forward(self, h_BLD: torch.Tensor, forced_BL: torch.Tensor, modality_BL: torch.Tensor,
-                prev: Optional[Previous] = None) -> torch.Tensor:
+                prev: Optional[Previous] = None, targets: Optional[RatioTargets] = None) -> torch.Tensor:
+        """``targets`` (the ``fixed`` router's spacing) default to the configured ones."""
         router = self.cfg.router
         h_prev = _with_prev(h_BLD, None if prev is None else prev.h.to(h_BLD.dtype), 0.0) if router in (
             "cosine", "linear") else None
@@ -159,7 +173,8 @@ class ChunkRouter(nn.Module):
             p = torch.sigmoid(self.score(torch.cat([h_BLD, h_prev], -1)).squeeze(-1))
         elif router == "fixed":
             pos = segment_positions(forced_BL, None if prev is None else prev.segment_pos).to(h_BLD.dtype)
-            R = torch.where(modality_BL == IMAGE, self.cfg.target_ratio_image, self.cfg.target_ratio_text)
+            R_text, R_image = targets or RatioTargets.of(self.cfg)
+            R = torch.where(modality_BL == IMAGE, R_image, R_text)
             p = (torch.floor(pos / R) != torch.floor((pos - 1) / R)).to(h_BLD.dtype)
         else:  # none
             p = torch.ones(h_BLD.shape[:2], dtype=h_BLD.dtype, device=h_BLD.device)
@@ -208,25 +223,20 @@ def learned_router(cfg: ChunkConfig) -> bool:
     return cfg.router in ("cosine", "linear")
 
 
-def _data_parallel_world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def chunk_statistics(chunks: Chunks, modality_BL: torch.Tensor, valid_BL: torch.Tensor,
-                     cfg: ChunkConfig, across_ranks: bool = False
+                     cfg: ChunkConfig, across_ranks: bool = False, targets: Optional[RatioTargets] = None
                      ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
     """Weighted ratio loss (summed over modalities) and per-modality statistics.
+
+    ``targets``: this step's R per modality (a warm-up schedule passes its current
+    values; the default is the configured targets, which the config keeps).
 
     F and G of each modality's loss are taken over that modality's positions only;
     image markers belong to neither. ``ratio`` is tokens / boundaries in the batch.
 
     With ``across_ranks`` (training under data parallelism) F and G are taken over the
-    global batch, so N ranks train exactly like one process on the same global batch:
-    one all-reduce of every modality's sums (a fixed-size tensor, so ranks without
-    images still take part), and the gradient through the local ``p`` scaled by the world
-    size to undo the data-parallel gradient average. The statistics stay per rank.
+    global batch (``loss.global_mean``), so N ranks train exactly like one process on the
+    same global batch. The statistics stay per rank.
     """
     p, b = chunks.prob_BL, chunks.boundary_BL
     # The boundaries the eval rule would place. Taking the loss's F from them (the
@@ -239,13 +249,9 @@ def chunk_statistics(chunks: Chunks, modality_BL: torch.Tensor, valid_BL: torch.
     # Per modality: positions, loss boundaries, sum of p (the only term with a gradient).
     local = torch.stack([torch.stack([m.sum().to(p.dtype), (b_loss & m).sum().to(p.dtype), (p * m).sum()])
                          for m in masks.values()])
-    world = _data_parallel_world() if across_ranks else 1
-    glob = local.detach().clone()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(glob)
+    glob, world = reduce_sums(local, across_ranks)
     learned = learned_router(cfg)
+    targets = targets or RatioTargets.of(cfg)
     total = p.sum() * 0.0
     stats: dict[str, dict[str, torch.Tensor]] = {}
     for i, (mod, name) in enumerate(MODALITY_NAMES.items()):
@@ -253,14 +259,13 @@ def chunk_statistics(chunks: Chunks, modality_BL: torch.Tensor, valid_BL: torch.
         n_g = glob[i, 0]
         if n_g.item() == 0:
             continue
-        R = cfg.target_ratio_text if mod == TEXT else cfg.target_ratio_image
+        R = targets.text if mod == TEXT else targets.image
         weight = cfg.ratio_loss_weight_text if mod == TEXT else cfg.ratio_loss_weight_image
-        F_rate = glob[i, 1] / n_g
-        G = (local[i, 2] + (glob[i, 2] - local[i, 2]).detach()) / n_g
+        F_rate = (glob[i, 1] / n_g).to(p.dtype)
+        G = global_mean(local[i, 2], glob[i, 2], n_g, world)
         loss = ratio_loss_from_rates(F_rate, G, R)
         if learned:
-            scaled = loss + (world - 1) * (loss - loss.detach())  # value unchanged, gradient x world
-            total = total + weight * scaled
+            total = total + weight * loss
         split_weight = cfg.split_loss_weight_text if mod == TEXT else cfg.split_loss_weight_image
         split = None
         if learned and split_weight > 0:  # over this rank's positions (a rank-local top-k)

@@ -16,26 +16,21 @@
   and refuse ZeRO-3. Local experts are stored as
   ``deepspeed_moe.experts.deepspeed_experts.{i}.w1|w3|w2`` so DeepSpeed's per-expert
   checkpoint files (global expert ids) work unchanged.
-* ``ep_size == 1`` with several data-parallel ranks: :class:`SyncedMoE`, the same
-  module and parameters, only the statistics are global.
+* ``ep_size == 1``: nothing to swap. :class:`conceptvlm.moe.MoE` already takes its
+  load-balance and z losses over the global batch in training (``moe.aux_losses`` with
+  ``loss.global_mean``), and exchanges nothing in evaluation.
 
-In both, the load-balance and z losses are computed from statistics all-reduced over
-the data-parallel group, so their values equal one process on the global batch, and
-their gradients are the global loss's gradients after DeepSpeed's average over ranks
-(the local term is scaled by the world size; the value is replaced by the global one
-with a detach trick, so no collective sits in the autograd graph except the
-all-to-all). ``expert_counts`` are global too.
+``ExpertParallelMoE`` inherits :meth:`MoE.forward` (router, combine, auxiliary losses)
+and overrides only :meth:`MoE.dispatch`: the all-to-all is the one collective in the
+autograd graph.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .moe import MoE, MoEOutput, grouped_matmul
+from .moe import MoE, swiglu_experts
 
 try:  # DeepSpeed is a hard dependency of training, not of the model
     from deepspeed.moe.layer import MoE as _DeepSpeedMoE
@@ -58,12 +53,6 @@ def ensure_expert_groups(ep_size: int) -> None:
         groups._create_expert_and_data_parallel(ep_size)
 
 
-def _dp_group():
-    from deepspeed.utils import groups
-
-    return groups._get_data_parallel_group()
-
-
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with variable splits; backward is the reverse exchange."""
 
@@ -81,55 +70,6 @@ class _AllToAll(torch.autograd.Function):
         dist.all_to_all_single(grad, g.contiguous(), in_splits, out_splits, group=ctx.group)
         return grad, None, None, None
 
-
-def global_moe_losses(probs_NE: torch.Tensor, logits_NE: torch.Tensor, counts_E: torch.Tensor, top_k: int,
-                      group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Balance loss ``E * sum_e f_e P_e`` and z-loss over the *global* batch of the group.
-
-    Returns (balance, z, global counts). Values are identical on every rank and equal a
-    single process on the concatenated batch; gradients are the local share times the
-    world size, which DeepSpeed's gradient average turns into the global gradient.
-    """
-    E = probs_NE.shape[-1]
-    lse2 = torch.logsumexp(logits_NE, -1).pow(2)
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    stats = torch.cat([counts_E.to(torch.float64), probs_NE.detach().sum(0).to(torch.float64),
-                       torch.tensor([probs_NE.shape[0], lse2.detach().sum()], dtype=torch.float64,
-                                    device=probs_NE.device)])
-    if world > 1:
-        dist.all_reduce(stats, group=group)
-    counts_g, psum_g, n_g, lse2_g = stats[:E], stats[E:2 * E], stats[2 * E].clamp_min(1), stats[2 * E + 1]
-    frac = (counts_g / (n_g * top_k)).to(probs_NE.dtype)
-    balance_value = E * (frac * (psum_g / n_g).to(probs_NE.dtype)).sum()
-    balance_local = E * (frac * probs_NE.sum(0) / n_g.to(probs_NE.dtype)).sum() * world
-    z_value = (lse2_g / n_g).to(lse2.dtype)
-    z_local = lse2.sum() / n_g.to(lse2.dtype) * world
-    balance = balance_value.detach() + (balance_local - balance_local.detach())
-    z = z_value.detach() + (z_local - z_local.detach())
-    return balance, z, counts_g.round().long()
-
-
-def _moe_forward(self, x_ND: torch.Tensor, run_experts) -> MoEOutput:
-    """The dispatch of :meth:`conceptvlm.moe.MoE.forward` with global statistics."""
-    logits, probs, gate_NK, expert_NK = MoE.route(self, x_ND)
-    flat_expert = expert_NK.reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
-    token_of = order // self.top_k
-    counts = torch.bincount(flat_expert, minlength=self.n_experts)
-    y_sorted = run_experts(x_ND[token_of], counts)
-    y_sorted = y_sorted * gate_NK.reshape(-1)[order, None].to(y_sorted.dtype)
-    y = torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted)
-    if self.shared is not None:
-        y = y + self.shared(x_ND)
-    balance, z, counts_g = global_moe_losses(probs, logits, counts, self.top_k, _dp_group())
-    return MoEOutput(y, balance, z, counts_g)
-
-
-class SyncedMoE(MoE):
-    """:class:`MoE` whose balance/z losses and counts are global over data-parallel ranks."""
-
-    def forward(self, x_ND: torch.Tensor) -> MoEOutput:
-        return _moe_forward(self, x_ND, self.experts)
 
 
 class _Expert(nn.Module):
@@ -150,7 +90,7 @@ class _LocalExperts(nn.Module):
             p.group_name = name
 
 
-class ExpertParallelMoE(_DeepSpeedMoE):
+class ExpertParallelMoE(MoE, _DeepSpeedMoE):
     """A :class:`conceptvlm.moe.MoE` with its experts sharded over an expert-parallel group."""
 
     def __init__(self, moe: MoE, ep_size: int):
@@ -191,7 +131,9 @@ class ExpertParallelMoE(_DeepSpeedMoE):
         ex = self.deepspeed_moe.experts.deepspeed_experts
         return (torch.stack([e.w1 for e in ex]), torch.stack([e.w3 for e in ex]), torch.stack([e.w2 for e in ex]))
 
-    def _run_experts(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def dispatch(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by global expert go to the rank that owns their expert (one
+        variable-split all-to-all), run there grouped by local expert, and come back."""
         P, El = self.ep_size, self.num_local_experts
         send_PE = counts_E.view(P, El)
         recv_PE = torch.empty_like(send_PE)
@@ -200,17 +142,9 @@ class ExpertParallelMoE(_DeepSpeedMoE):
         x_recv = _AllToAll.apply(x_TD, out_splits, in_splits, self.ep_group)  # rows by (source, expert)
         expert_of_row = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(P), recv_PE.reshape(-1))
         perm = torch.argsort(expert_of_row, stable=True)  # -> rows by (expert, source)
-        counts_l = recv_PE.sum(0)
-        offsets = torch.cumsum(counts_l, 0).to(torch.int32)
-        w1, w3, w2 = self.local_weights()
-        xl = x_recv[perm]
-        h = F.silu(grouped_matmul(xl, w1, counts_l, offsets)) * grouped_matmul(xl, w3, counts_l, offsets)
-        yl = grouped_matmul(h, w2, counts_l, offsets)
+        yl = swiglu_experts(x_recv[perm], *self.local_weights(), recv_PE.sum(0))
         y_recv = yl[torch.argsort(perm)]
         return _AllToAll.apply(y_recv, in_splits, out_splits, self.ep_group)
-
-    def forward(self, x_ND: torch.Tensor) -> MoEOutput:
-        return _moe_forward(self, x_ND, self._run_experts)
 
     def gather_full_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All experts' weights ``[E, ...]`` on every rank of the expert-parallel group."""
@@ -224,21 +158,18 @@ class ExpertParallelMoE(_DeepSpeedMoE):
 
 
 def parallelize_moe(model: nn.Module, ep_size: int = 1) -> int:
-    """Swap every :class:`conceptvlm.moe.MoE` for its distributed form; returns how many.
+    """Swap every :class:`conceptvlm.moe.MoE` for an :class:`ExpertParallelMoE` when
+    ``ep_size > 1``; returns how many.
 
     Needs ``torch.distributed`` initialised when the world has more than one rank.
     """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if ep_size == 1 and world == 1:
+    if ep_size == 1:  # data parallelism alone: MoE's own forward already is exact
         return 0
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) in (MoE, SyncedMoE):
-                if ep_size > 1:
-                    setattr(parent, name, ExpertParallelMoE(child, ep_size))
-                else:
-                    child.__class__ = SyncedMoE
+            if type(child) is MoE:
+                setattr(parent, name, ExpertParallelMoE(child, ep_size))
                 n += 1
     return n
 
@@ -255,5 +186,4 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-__all__ = ["ExpertParallelMoE", "SyncedMoE", "parallelize_moe", "ensure_expert_groups", "full_state_dict",
-           "global_moe_losses", "group_name"]
+__all__ = ["ExpertParallelMoE", "parallelize_moe", "ensure_expert_groups", "full_state_dict", "group_name"]

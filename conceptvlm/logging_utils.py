@@ -98,52 +98,68 @@ def fmt(metrics: dict[str, Any], keys: Optional[list[str]] = None) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
-def micro_metrics(out, world: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Loss to back-propagate (DP token-weighted) and the step's global metrics."""
-    n_local = float(out.n_label_tokens)
-    mods = ("text", "image")
-    local = [n_local, float(out.lm_loss.detach()) * n_local, float(out.n_tokens), float(out.n_concepts),
-             float(out.ratio_loss.detach())]
-    for m in mods:
-        s = out.chunk_stats.get(m)
-        local += [float(s["tokens"]), float(s["boundaries"]), float(s["ratio_loss"]), 1.0,
-                  float(s["eval_boundaries"]), float(s.get("split_loss", 0.0))] if s else [0.0] * 6
-    local.append(0.0 if torch.isfinite(out.loss.detach()) else 1.0)
-    t = torch.tensor(local, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-    n_g = max(t[0].item(), 1.0)
-    lm = t[1].item() / n_g
-    ratio_mean = t[4].item() / world
-    loss = out.lm_loss * (n_local * world / n_g) + out.aux_loss
-    aux = float(out.aux_loss.detach()) - float(out.ratio_loss.detach()) + ratio_mean
-    m = {"lm_loss": lm, "aux_loss": aux, "loss": lm + aux, "balance_loss": float(out.balance_loss.detach()),
-         "z_loss": float(out.z_loss.detach()), "ratio_loss": ratio_mean, "tokens": t[2].item(), "concepts": t[3].item(),
-         "nonfinite": t[-1].item() > 0}
-    for i, name in enumerate(mods):
-        tok, bnd, rl, cnt, bnd_eval, split = t[5 + 6 * i: 11 + 6 * i].tolist()
-        if tok > 0:
-            m[f"ratio/{name}"] = tok / max(bnd, 1.0)  # of the sampled (training-mode) boundaries
-            m[f"eval_ratio/{name}"] = tok / max(bnd_eval, 1.0)  # what the eval rule would realise
-            m[f"boundary_rate/{name}"] = bnd / tok
-            m[f"ratio_loss/{name}"] = rl / max(cnt, 1.0)
-            if split:
-                m[f"split_loss/{name}"] = split / max(cnt, 1.0)
-    m["_counts"] = [c.detach().cpu().tolist() for c in out.expert_counts]
-    return loss, m
+MODALITIES = ("text", "image")
 
 
-def reduce_step_metrics(micro: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    keys = [k for k in micro[0] if not k.startswith("_") and k not in ("nonfinite", "tokens", "concepts")]
-    for k in keys:
-        vals = [m[k] for m in micro if k in m]
-        out[k] = sum(vals) / len(vals)
-    out["tokens"] = sum(m["tokens"] for m in micro)
-    out["concepts"] = sum(m["concepts"] for m in micro)
-    counts = [list(map(sum, zip(*layer))) for layer in zip(*[m["_counts"] for m in micro])]
-    out.update(expert_load_summary(counts))
-    return out
+class StepMetrics:
+    """What one optimizer step measured, over its micro-batches and the data-parallel ranks.
+
+    Metrics only: the loss that is back-propagated is ``loss.training_loss``'s. Each
+    micro-batch adds its rank-local sums (detached tensors, no host sync); :meth:`result`
+    reduces them over the ranks with one all-reduce and turns them into floats once.
+    Ratios are of the step's sums (tokens / boundaries over every micro-batch and rank);
+    losses are means over the micro-batches.
+    """
+
+    def __init__(self) -> None:
+        self.sums: Optional[torch.Tensor] = None
+        self.lm_losses: list[float] = []
+        self.counts: list[list[torch.Tensor]] = []
+
+    def add(self, out, lm_loss: float) -> None:
+        """One micro-batch: its :class:`ModelOutput` and the global LM loss ``training_loss`` gave."""
+        dev = out.aux_loss.device
+        row = [out.aux_loss.detach() - out.ratio_loss.detach(), out.ratio_loss.detach(),
+               out.balance_loss.detach(), out.z_loss.detach(),
+               torch.tensor(float(out.n_tokens), device=dev), torch.tensor(float(out.n_concepts), device=dev)]
+        zero = torch.zeros((), device=dev)
+        for name in MODALITIES:
+            st = out.chunk_stats.get(name) or {}
+            row += [st.get("tokens", zero), st.get("boundaries", zero), st.get("ratio_loss", zero),
+                    zero + float(bool(st)), st.get("eval_boundaries", zero), st.get("split_loss", zero)]
+        row = torch.stack([r.to(torch.float64).reshape(()) for r in row])
+        self.sums = row if self.sums is None else self.sums + row
+        self.lm_losses.append(lm_loss)
+        self.counts.append([c.detach() for c in out.expert_counts])
+
+    def result(self, world: int) -> dict[str, Any]:
+        n_micro = len(self.lm_losses)
+        t = self.sums.clone()
+        if world > 1:
+            dist.all_reduce(t)
+        v = t.tolist()
+
+        def per_rank(x: float) -> float:  # a sum of rank-local values -> their mean
+            return x / (n_micro * world)
+
+        m: dict[str, Any] = {"lm_loss": sum(self.lm_losses) / n_micro}
+        m["ratio_loss"] = per_rank(v[1])
+        m["aux_loss"] = per_rank(v[0]) + m["ratio_loss"]
+        m["loss"] = m["lm_loss"] + m["aux_loss"]
+        m["balance_loss"], m["z_loss"] = per_rank(v[2]), per_rank(v[3])
+        m["tokens"], m["concepts"] = v[4], v[5]
+        for i, name in enumerate(MODALITIES):
+            tok, bnd, rl, cnt, bnd_eval, split = v[6 + 6 * i: 12 + 6 * i]
+            if tok > 0:
+                m[f"ratio/{name}"] = tok / max(bnd, 1.0)  # of the sampled (training-mode) boundaries
+                m[f"eval_ratio/{name}"] = tok / max(bnd_eval, 1.0)  # what the eval rule would realise
+                m[f"boundary_rate/{name}"] = bnd / tok
+                m[f"ratio_loss/{name}"] = rl / max(cnt, 1.0)
+                if split:
+                    m[f"split_loss/{name}"] = split / max(cnt, 1.0)
+        layers = [torch.stack(layer).sum(0).cpu().tolist() for layer in zip(*self.counts)]
+        m.update(expert_load_summary(layers))
+        return m
 
 
 def skipped_counters(loaders: list) -> dict[str, int]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .attention import KVCache, RMSNorm, Visibility, rope_rotation
 from .block import Block
-from .chunk import (TEXT, ChunkRouter, Chunks, Previous, chunk_statistics, forced_boundaries, gather_rows,
+from .chunk import (TEXT, ChunkRouter, Chunks, Previous, RatioTargets, chunk_statistics, forced_boundaries, gather_rows,
                     locate_concepts, segment_positions)
 from .concept_model import ConceptModel
 from .config import ModelConfig
@@ -155,7 +155,8 @@ class ConceptMoE(nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None, modality: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                use_cache: bool = False, state: Optional[InferenceState] = None) -> ModelOutput:
+                use_cache: bool = False, state: Optional[InferenceState] = None,
+                ratio_targets: Optional[RatioTargets] = None) -> ModelOutput:
         """Run the model on a batch, or on the next chunk of tokens after ``state``.
 
         Args:
@@ -171,6 +172,8 @@ class ConceptMoE(nn.Module):
                 ``output.state`` holds the caches; pass it back with the next tokens
                 (prefill = the prompt in one call, then one token per call). The
                 logits equal one full forward pass over all tokens so far.
+            ratio_targets: this step's target ratios (a training warm-up schedule);
+                default the configured ``chunk.target_ratio_*``.
         """
         cfg = self.config
         if use_cache and state is None:
@@ -194,7 +197,7 @@ class ConceptMoE(nn.Module):
             moe_outs.append(out)
 
         forced = forced_boundaries(doc, valid, mod, prev)
-        p = self.router(h, forced, mod, prev)
+        p = self.router(h, forced, mod, prev, ratio_targets)
         chunks = locate_concepts(p, self.router.boundaries(p, forced, valid))
         z, z_last = self.concept_signal(h, chunks, pos, doc, moe_outs, state)
         x = h + z
@@ -205,7 +208,7 @@ class ConceptMoE(nn.Module):
         logits = self.lm_head(self.norm(x))
         if state is not None:
             self._advance(state, h, doc, valid, mod, forced, pos1d, z_last)
-        out = self._output(logits, labels, doc, valid, mod, chunks, moe_outs,
+        out = self._output(logits, labels, doc, valid, mod, chunks, moe_outs, ratio_targets,
                            statistics=state is None or labels is not None or self.training)
         out.state = state
         return out
@@ -251,10 +254,10 @@ class ConceptMoE(nn.Module):
         state.z = z_last.detach()
 
     def _output(self, logits, labels, doc, valid, mod, chunks: Chunks, moe_outs,
-                statistics: bool = True) -> ModelOutput:
+                ratio_targets: Optional[RatioTargets], statistics: bool = True) -> ModelOutput:
         cfg = self.config
         if statistics:
-            ratio, stats = chunk_statistics(chunks, mod, valid, cfg.chunk, across_ranks=self.training)
+            ratio, stats = chunk_statistics(chunks, mod, valid, cfg.chunk, self.training, ratio_targets)
         else:  # decoding step: nothing reads the per-modality statistics
             ratio, stats = logits.new_zeros(()), {}
         balance = torch.stack([o.balance_loss for o in moe_outs]).mean()

@@ -1,7 +1,8 @@
 """Dropless token-choice top-k Mixture-of-Experts feed-forward.
 
-Dispatch (no capacity, no token dropped, no Python loop over tokens):
-  1. router logits -> softmax -> top-k experts per token,
+Router -> dispatch -> experts -> combine (no capacity, no token dropped, no Python loop
+over tokens):
+  1. router logits -> softmax -> top-k experts per token (:class:`Router`),
   2. the N*k (token, expert) pairs are sorted by expert; ``counts`` per expert give
      group offsets by cumsum,
   3. one grouped matmul per weight (``F.grouped_mm``) runs every expert on its
@@ -9,6 +10,7 @@ Dispatch (no capacity, no token dropped, no Python loop over tokens):
   4. outputs are scaled by the gate and summed back into token order (``index_add_``).
 Where ``grouped_mm`` cannot run (float64, unaligned shapes, GPUs without it) the same
 sorted layout is processed one expert at a time: identical math, measured slower.
+The load-balance and z losses are :func:`aux_losses`, the only place they are written.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .loss import global_mean, reduce_sums
 
 
 class SwiGLU(nn.Module):
@@ -57,7 +61,7 @@ def _grouped_mm_usable(x: torch.Tensor, *ws: torch.Tensor) -> bool:
         ok_dtype = x.dtype == torch.bfloat16
     # 16-byte aligned row strides are required by the kernel.
     per16 = 16 // x.element_size()
-    return ok_dtype and all(w.shape[-1] % per16 == 0 and w.shape[-2] % per16 == 0 for w in ws)
+    return ok_dtype and x.shape[0] > 0 and all(w.shape[-1] % per16 == 0 and w.shape[-2] % per16 == 0 for w in ws)
 
 
 def grouped_matmul(x_TD: torch.Tensor, w_EDH: torch.Tensor, counts_E: torch.Tensor,
@@ -67,6 +71,15 @@ def grouped_matmul(x_TD: torch.Tensor, w_EDH: torch.Tensor, counts_E: torch.Tens
         return F.grouped_mm(_ContiguousGrad.apply(x_TD), w_EDH, offs=offsets_E)
     chunks = torch.split(x_TD, counts_E.tolist())
     return torch.cat([c @ w_EDH[e] for e, c in enumerate(chunks)], dim=0)
+
+
+def swiglu_experts(x_TD: torch.Tensor, w1_EDH: torch.Tensor, w3_EDH: torch.Tensor, w2_EHD: torch.Tensor,
+                   counts_E: torch.Tensor) -> torch.Tensor:
+    """``w2[e](silu(x w1[e]) * (x w3[e]))`` for each group of rows (``counts_E`` per expert)."""
+    offsets = torch.cumsum(counts_E, 0).to(torch.int32)
+    a = grouped_matmul(x_TD, w1_EDH, counts_E, offsets)
+    b = grouped_matmul(x_TD, w3_EDH, counts_E, offsets)
+    return grouped_matmul(F.silu(a) * b, w2_EHD, counts_E, offsets)
 
 
 class GroupedExperts(nn.Module):
@@ -86,10 +99,42 @@ class GroupedExperts(nn.Module):
         for a batched matmul instead copies them (1 MB per matrix at width 256, hidden
         512): measured 4.4x slower for one token with top-2 of 8 experts on CPU.
         """
-        offsets = torch.cumsum(counts_E, 0).to(torch.int32)
-        a = grouped_matmul(x_TD, self.w1_EDH, counts_E, offsets)
-        b = grouped_matmul(x_TD, self.w3_EDH, counts_E, offsets)
-        return grouped_matmul(F.silu(a) * b, self.w2_EHD, counts_E, offsets)
+        return swiglu_experts(x_TD, self.w1_EDH, self.w3_EDH, self.w2_EHD, counts_E)
+
+
+@dataclass
+class Routing:
+    """What the router decided for ``N`` tokens."""
+
+    logits_NE: torch.Tensor  # float32 router logits
+    probs_NE: torch.Tensor  # softmax over experts (the balance loss's P)
+    gate_NK: torch.Tensor  # weight of each chosen expert in the token's output
+    expert_NK: torch.Tensor  # ids of the chosen experts
+
+
+class Router(nn.Linear):
+    """Token-choice top-k gate: ``logits = W x``, softmax, the top ``k`` experts.
+
+    A ``Linear`` (no bias) so checkpoints keep the key ``router.weight``; the gating
+    rule (how probabilities become the chosen experts and their weights) is
+    :meth:`gate`, the one place a variant of it belongs.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int):
+        super().__init__(d_model, n_experts, bias=False)
+        self.n_experts, self.top_k = n_experts, top_k
+
+    def gate(self, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of the probabilities, renormalised to sum to 1 over the chosen experts."""
+        gate_NK, expert_NK = probs_NE.topk(self.top_k, dim=-1)
+        if self.top_k > 1:
+            gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True)
+        return gate_NK, expert_NK
+
+    def forward(self, x_ND: torch.Tensor) -> Routing:
+        logits_NE = super().forward(x_ND).float()  # routing decisions in float32
+        probs_NE = logits_NE.softmax(-1)
+        return Routing(logits_NE, probs_NE, *self.gate(probs_NE))
 
 
 @dataclass
@@ -100,57 +145,75 @@ class MoEOutput:
     counts: torch.Tensor  # [E] tokens routed to each expert (load statistics)
 
 
+def aux_losses(routing: Routing, counts_E: torch.Tensor, top_k: int,
+               across_ranks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Load-balance and z losses, and the expert counts they were taken over.
+
+    ``balance = E * sum_e f_e P_e`` (Switch), ``f_e`` the share of routed slots that went
+    to expert e and ``P_e`` its mean router probability; ``z = mean logsumexp(logits)^2``
+    (ST-MoE). With ``across_ranks`` both are means over the global batch and the counts
+    are global (``loss.global_mean``); otherwise over this call's tokens.
+    """
+    probs_NE, E = routing.probs_NE, routing.probs_NE.shape[-1]
+    lse2_N = torch.logsumexp(routing.logits_NE, -1).pow(2)
+    local = torch.cat([counts_E.to(probs_NE.dtype), probs_NE.detach().sum(0),
+                       probs_NE.new_tensor([probs_NE.shape[0]]), lse2_N.detach().sum()[None]])
+    glob, world = reduce_sums(local, across_ranks)
+    counts_g, psum_g, n_g, lse2_g = glob[:E], glob[E:2 * E], glob[2 * E], glob[2 * E + 1]
+    frac_E = (counts_g / (n_g.clamp_min(1) * top_k)).to(probs_NE.dtype)  # f: no gradient
+    balance = E * (frac_E * global_mean(probs_NE.sum(0), psum_g, n_g, world)).sum()
+    z = global_mean(lse2_N.sum(), lse2_g, n_g, world)
+    return balance, z, counts_g.round().long()
+
+
 class MoE(nn.Module):
-    """Token-choice top-k MoE with optional always-on shared experts."""
+    """Token-choice top-k MoE with optional always-on shared experts.
+
+    ``forward`` is router -> dispatch -> experts -> combine. :meth:`dispatch` sends the
+    expert-sorted rows to their experts and brings the outputs back; expert parallelism
+    (``expert_parallel.py``) replaces only it, with an all-to-all.
+    """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, n_shared: int = 0):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
-        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.router = Router(d_model, n_experts, top_k)
         self.experts = GroupedExperts(n_experts, d_model, hidden)
         self.shared = SwiGLU(d_model, hidden * n_shared) if n_shared > 0 else None
 
-    def route(self, x_ND: torch.Tensor):
-        """Router probabilities (float32), top-k gates and expert ids."""
-        logits = self.router(x_ND).float()  # [N, E]
-        probs = logits.softmax(-1)
-        gate_NK, expert_NK = probs.topk(self.top_k, dim=-1)
-        if self.top_k > 1:
-            gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True)
-        return logits, probs, gate_NK, expert_NK
+    def dispatch(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert (``counts_E`` each) -> their experts' outputs, same order."""
+        return self.experts(x_TD, counts_E)
 
     def forward(self, x_ND: torch.Tensor) -> MoEOutput:
-        """``x_ND``: the valid tokens only (padding removed by the caller)."""
-        N, D = x_ND.shape
-        if N == 0:
-            zero = x_ND.new_zeros((), dtype=torch.float32) + 0.0 * self.router.weight.sum()
-            return MoEOutput(x_ND.clone(), zero, zero, torch.zeros(self.n_experts, dtype=torch.long, device=x_ND.device))
-        logits, probs, gate_NK, expert_NK = self.route(x_ND)
+        """``x_ND``: the valid tokens only (padding removed by the caller).
 
-        flat_expert = expert_NK.reshape(-1)  # [N*k]
+        Training takes the auxiliary losses over the global batch of the data-parallel
+        ranks; evaluation computes none and exchanges nothing.
+        """
+        routing = self.router(x_ND)
+        flat_expert = routing.expert_NK.reshape(-1)  # [N*k]
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // self.top_k  # source token of each sorted row
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
 
-        x_sorted = x_ND[token_of]  # [N*k, D]
-        y_sorted = self.experts(x_sorted, counts)
-        y_sorted = y_sorted * gate_NK.reshape(-1)[order, None].to(y_sorted.dtype)
+        y_sorted = self.dispatch(x_ND[token_of], counts)  # [N*k, D]
+        y_sorted = y_sorted * routing.gate_NK.reshape(-1)[order, None].to(y_sorted.dtype)
         y = torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted)
         if self.shared is not None:
             y = y + self.shared(x_ND)
 
         if not self.training:  # the auxiliary losses only matter for training
-            zero = logits.new_zeros(())
+            zero = routing.logits_NE.new_zeros(())
             return MoEOutput(y, zero, zero, counts.detach())
-        frac = counts.to(probs.dtype) / (N * self.top_k)  # f_e: share of routed slots
-        balance = self.n_experts * (frac * probs.mean(0)).sum()
-        z = torch.logsumexp(logits, -1).pow(2).mean()
-        return MoEOutput(y, balance, z, counts.detach())
+        balance, z, counts_g = aux_losses(routing, counts, self.top_k, across_ranks=True)
+        return MoEOutput(y, balance, z, counts_g)
 
 
 def moe_reference(moe: MoE, x_ND: torch.Tensor) -> torch.Tensor:
     """Slow, obvious reference: every token, every chosen expert, one at a time."""
-    _, _, gate_NK, expert_NK = moe.route(x_ND)
+    routing = moe.router(x_ND)
+    gate_NK, expert_NK = routing.gate_NK, routing.expert_NK
     ex = moe.experts
     rows = []
     for n in range(x_ND.shape[0]):

@@ -6,9 +6,9 @@ are set to a single rank on a free port when absent; gloo on CPU). Per optimizer
 ``grad_accum`` micro-batches, each ``engine(batch) -> engine.backward(loss) ->
 engine.step()``; DeepSpeed does ZeRO, clipping, accumulation and the LR schedule.
 
-Loss normalisation makes data-parallel runs equal one process on the global batch: the
-LM loss is weighted by each rank's share of the global label tokens, and the MoE
-balance/z losses use all-reduced statistics (``expert_parallel.py``). A non-finite loss
+The loss is ``loss.training_loss``: data-parallel runs equal one process on the global
+batch (every quantity is a global mean, ``loss.global_mean`` states how); the metrics
+are measured apart from it (``logging_utils.StepMetrics``). A non-finite loss
 (agreed across ranks) drops the micro-batch without a backward pass; after
 ``train.max_nonfinite_in_row`` in a row the run stops with :class:`NonFiniteLossError`.
 """
@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .chunk import RatioTargets
 from .config import ConfigError
 from .train_config import TrainConfig, load_train_config
 
@@ -252,7 +253,8 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
     from .data.shards import expand_shards
     from .expert_parallel import parallelize_moe
     from .export import export_model
-    from .logging_utils import MetricLogger, grad_norm, micro_metrics, reduce_step_metrics, skipped_counters
+    from .logging_utils import MetricLogger, StepMetrics, grad_norm, skipped_counters
+    from .loss import training_loss
 
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # config errors before any work
     for i, s in enumerate(cfg.data.sources):
@@ -301,32 +303,30 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
     gas = cfg.optim.grad_accum
     losses: list[float] = []
     in_row, manual_norm = 0, None
-    lm = engine.module.lm if hasattr(engine.module, "lm") else engine.module
-    R_text, R_image = lm.config.chunk.target_ratio_text, lm.config.chunk.target_ratio_image
+    schedule, final = cfg.ratio_schedule, RatioTargets.of(cfg.model.chunk)
 
     def trainer_state() -> dict:
         return {"data": [ld.state_dict() for ld in loaders], "nonfinite_total": nonfinite_total}
 
     try:
         while step < cfg.train.steps:
-            if cfg.ratio_schedule.enabled:
-                frac = min(1.0, step / cfg.ratio_schedule.steps)
-                s0 = cfg.ratio_schedule.start
-                lm.config.chunk.target_ratio_text = s0 + (R_text - s0) * frac
-                lm.config.chunk.target_ratio_image = s0 + (R_image - s0) * frac
+            # This step's targets go into the forward; the model's config keeps the final ones.
+            targets = RatioTargets(schedule.at(step, final.text), schedule.at(step, final.image)) \
+                if schedule.enabled else None
             t0 = time.perf_counter()
-            micro: list[dict] = []
-            while len(micro) < gas:
+            step_metrics, done = StepMetrics(), 0
+            while done < gas:
                 batch = next_batch(iters)
                 images = batch.get("images")
                 out = engine(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
                              doc_ids=batch["doc_ids"].to(device),
-                             images=images.to(device) if images is not None and images.numel() else None)
+                             images=images.to(device) if images is not None and images.numel() else None,
+                             ratio_targets=targets)
                 if loss_hook is not None:
                     out.loss = loss_hook(step, out.loss)
                     out.lm_loss = out.loss - out.aux_loss
-                loss, m = micro_metrics(out, world)
-                if m["nonfinite"]:
+                loss, info = training_loss(out)
+                if info["nonfinite"]:
                     nonfinite_total += 1
                     in_row += 1
                     log.message(f"step {step}: non-finite loss, micro-batch skipped ({in_row} in a row)")
@@ -341,18 +341,19 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
                 if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
                     manual_norm = grad_norm(engine.module)  # ZeRO-0 keeps no norm of its own
                 engine.step()
-                micro.append(m)
+                step_metrics.add(out, info["lm_loss"])
+                done += 1
             step += 1
             dt = time.perf_counter() - t0
-            metrics = reduce_step_metrics(micro)
+            metrics = step_metrics.result(world)
             losses.append(metrics["loss"])
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 gn = engine.get_global_grad_norm() if engine.zero_optimization_stage() > 0 else manual_norm
                 metrics.update(lr=sched.get_last_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"),
                                tokens_per_s=metrics["tokens"] / dt, concepts_per_s=metrics["concepts"] / dt,
                                nonfinite_skipped=nonfinite_total, step_time_s=dt, **skipped_counters(loaders))
-                if cfg.ratio_schedule.enabled:
-                    metrics["target_ratio/text"] = lm.config.chunk.target_ratio_text
+                if targets is not None:
+                    metrics["target_ratio/text"] = targets.text
                 log.log(step, metrics)
             log.advance()
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:

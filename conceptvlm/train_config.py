@@ -111,6 +111,11 @@ class RatioSchedule:
         _check(self.start > 1.0, f"ratio_schedule.start must be > 1, got {self.start}")
         _check(self.steps >= 1, f"ratio_schedule.steps must be >= 1, got {self.steps}")
 
+    def at(self, step: int, final: float) -> float:
+        """The target at ``step``: linear from ``start`` to ``final`` over ``steps``."""
+        frac = min(1.0, step / self.steps)
+        return self.start + (final - self.start) * frac
+
 
 @dataclass
 class TrainSection:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .chunk import IMAGE, MARKER, TEXT
+from .chunk import IMAGE, MARKER, TEXT, RatioTargets
 from .config import ConfigError, ModelConfig
 from .model import IGNORE_INDEX, ConceptMoE, InferenceState, ModelOutput, positions_in_document
 
@@ -179,11 +179,12 @@ class ConceptVLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
-                use_cache: bool = False, state: Optional[InferenceState] = None) -> ModelOutput:
+                use_cache: bool = False, state: Optional[InferenceState] = None,
+                ratio_targets: Optional[RatioTargets] = None) -> ModelOutput:
         """Interleaved rows ``input_ids [B, L]`` with ``images [N, 3, H, W]`` in row-major order.
 
         ``use_cache`` / ``state`` work as in :meth:`ConceptMoE.forward` (a prompt with its
-        images as the prefill, then text tokens one at a time).
+        images as the prefill, then text tokens one at a time); ``ratio_targets`` as there.
         """
         mod = self.modality(input_ids)
         is_img = mod == IMAGE
@@ -209,4 +210,4 @@ class ConceptVLM(nn.Module):
             pos1d = positions_in_document(doc, doc >= 0, prev, None if state is None else state.next_pos)
             pos = self.image_positions(pos1d, mod)
         return self.lm(labels=labels, doc_ids=doc, modality=mod, positions=pos, inputs_embeds=emb,
-                       use_cache=use_cache, state=state)
+                       use_cache=use_cache, state=state, ratio_targets=ratio_targets)

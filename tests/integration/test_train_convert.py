@@ -104,6 +104,8 @@ def test_reallocation_at_conversion_is_measured(baseline, tmp_path, capsys):
 
 
 def test_converted_model_continues_training_with_a_ratio_schedule(baseline, tmp_path):
+    """The warm-up moves the target step by step; the export (after fewer steps than the
+    warm-up) still records the configured target, as train_config.yaml does."""
     from conceptvlm.logging_utils import read_jsonl
 
     d, base_dir, _ = baseline
@@ -111,10 +113,17 @@ def test_converted_model_continues_training_with_a_ratio_schedule(baseline, tmp_
                            tmp_path / "conv")
     shards = sorted((d / "shards").glob("text-*.tar"))
     cfg = load_train_config(out / "train.yaml", [f"data.sources=[{{shards: '{shards[0]}', kind: text}}]",
-                                                 "train.steps=3", f"train.out_dir={tmp_path / 'cont'}"])
+                                                 "train.steps=3", f"train.out_dir={tmp_path / 'cont'}",
+                                                 "train.export_at_end=true"])
+    assert cfg.train.steps <= cfg.ratio_schedule.steps
+    configured = cfg.model.chunk.target_ratio_text
     result = train(cfg)
     rows = read_jsonl(tmp_path / "cont" / "metrics.jsonl")
     targets = [r["target_ratio/text"] for r in rows]
     assert targets[0] == pytest.approx(1.05) and targets[0] < targets[1] < targets[2] < 2.0
     # training starts from the converted weights, not from scratch (which starts at ln V = 6.24)
     assert rows[0]["lm_loss"] < 5.5 and len(result["losses"]) == 3
+    exported = yaml.safe_load((tmp_path / "cont" / "export" / "config.yaml").read_text())
+    trained = yaml.safe_load((tmp_path / "cont" / "export" / "train_config.yaml").read_text())
+    assert exported["model"]["chunk"]["target_ratio_text"] == configured == 2.0
+    assert exported["model"]["chunk"] == trained["model"]["chunk"]
