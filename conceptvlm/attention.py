@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import packed_attention
+from .decoding_state import KVCache
 from .packed_attention import Segments, segment_attention
 
 
@@ -116,7 +117,7 @@ class Visibility:
     segments: Optional[Segments] = None
 
     @classmethod
-    def build(cls, doc_BL: torch.Tensor, valid_BL: torch.Tensor, cache: Optional["KVCache"] = None,
+    def build(cls, doc_BL: torch.Tensor, valid_BL: torch.Tensor, cache: Optional[KVCache] = None,
               min_segment_row: Optional[int] = None) -> "Visibility":
         """``min_segment_row``: rows at least this long use per-document attention
         instead of a dense mask (default ``packed_attention.MIN_SEGMENT_ROW``; 0: always
@@ -139,63 +140,6 @@ class Visibility:
         mask = attention_mask(doc_BL, torch.cat([doc_k, doc_BL], 1), torch.cat([valid_k, valid_BL], 1),
                               q_offset=cache.length)
         return cls(doc_BL, valid_BL, mask, False, all_valid, uniform)
-
-
-class KVCache:
-    """Keys/values of one attention layer, appended along the sequence dim.
-
-    Storage grows by doubling so an append costs amortised O(new tokens), not a copy
-    of everything cached. Per-key document id and validity are kept so masks for new
-    queries can be built against the whole cache (padding and other documents stay
-    invisible during generation too).
-    """
-
-    def __init__(self) -> None:
-        self._k = self._v = self._doc = self._valid = None
-        self.length = 0
-        self.uniform = True  # every cached key valid and of the same document (per row)
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, valid: torch.Tensor,
-               uniform: bool = False):
-        """Add ``k, v [B, H, L, d]`` with ``doc, valid [B, L]``; return views of the whole cache.
-
-        ``uniform``: the caller's verdict (:attr:`Visibility.cache_uniform`) that every
-        key is now valid and of one document per row.
-        """
-        n = k.shape[2]
-        need = self.length + n
-        if self._k is None or need > self._k.shape[2]:
-            # Head-room at the prefill so the first decode steps do not copy the cache.
-            cap = max(need + 256, 2 * (0 if self._k is None else self._k.shape[2]))
-            grow = lambda old, new_like, dim: _grown(old, new_like, dim, cap, self.length)  # noqa: E731
-            self._k, self._v = grow(self._k, k, 2), grow(self._v, v, 2)
-            self._doc, self._valid = grow(self._doc, doc, 1), grow(self._valid, valid, 1)
-        s, e = self.length, need
-        self._k[:, :, s:e], self._v[:, :, s:e] = k, v
-        self._doc[:, s:e], self._valid[:, s:e] = doc, valid
-        self.uniform = uniform
-        self.length = need
-        return self._k[:, :, :e], self._v[:, :, :e], self._doc[:, :e], self._valid[:, :e]
-
-    def doc_valid(self, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Document ids and validity of the cached keys (plus ``extra`` slots past the end)."""
-        return self._doc[:, :self.length + extra], self._valid[:, :self.length + extra]
-
-    def nbytes(self) -> int:
-        """Bytes of the keys and values held (not the spare capacity)."""
-        if self._k is None:
-            return 0
-        per = self._k.shape[0] * self._k.shape[1] * self._k.shape[3] * self._k.element_size()
-        return 2 * per * self.length
-
-
-def _grown(old: Optional[torch.Tensor], like: torch.Tensor, dim: int, cap: int, used: int) -> torch.Tensor:
-    shape = list(like.shape)
-    shape[dim] = cap
-    buf = like.new_zeros(shape)
-    if old is not None and used:
-        buf.narrow(dim, 0, used).copy_(old.narrow(dim, 0, used))
-    return buf
 
 
 class Attention(nn.Module):

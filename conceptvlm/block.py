@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .attention import Attention, KVCache, RMSNorm, Visibility
+from .attention import Attention, RMSNorm, Visibility
+from .decoding_state import KVCache
 from .moe import MoE, MoEOutput
 
 

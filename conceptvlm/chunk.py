@@ -23,7 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ChunkConfig
+from .decoding_state import Previous
 from .loss import global_mean, reduce_sums
+from .positions import segment_positions
 
 # Modality ids of each position (the VLM's modality mask); markers belong to no loss.
 TEXT, IMAGE, MARKER = 0, 1, 2
@@ -100,48 +102,21 @@ def sharpen(p: torch.Tensor, s: float) -> torch.Tensor:
     return torch.where(p > 0.5, p.clamp_min(0).pow(1.0 / s), 1.0 - (1.0 - p).clamp_min(0).pow(1.0 / s))
 
 
-@dataclass
-class Previous:
-    """The last real token before the current chunk of a row (incremental decoding)."""
-
-    h: torch.Tensor  # [B, D] its encoder state (the router compares against it)
-    doc: torch.Tensor  # [B]
-    modality: torch.Tensor  # [B]
-    valid: torch.Tensor  # [B] bool (False: nothing came before)
-    segment_pos: torch.Tensor  # [B] its index inside its forced segment (fixed router)
-
-
-def _with_prev(x_BL: torch.Tensor, prev_B: Optional[torch.Tensor], fill) -> torch.Tensor:
-    """``x`` shifted right by one along L, the first slot taken from ``prev`` (or ``fill``)."""
-    first = torch.full_like(x_BL[:, :1], fill) if prev_B is None else prev_B[:, None].to(x_BL.dtype)
-    return torch.cat([first, x_BL[:, :-1]], 1)
+def _with_prev(x_BL: torch.Tensor, prev_B: torch.Tensor) -> torch.Tensor:
+    """``x`` shifted right by one along L, the first slot taken from ``prev``."""
+    return torch.cat([prev_B[:, None].to(x_BL.dtype), x_BL[:, :-1]], 1)
 
 
 def forced_boundaries(doc_BL: torch.Tensor, valid_BL: torch.Tensor, modality_BL: torch.Tensor,
                       prev: Optional[Previous] = None) -> torch.Tensor:
     """True at the first real token of a row, document starts and modality changes
     (image markers always), each judged against the token before (``prev`` for the
-    first token of a chunk during incremental decoding)."""
-    prev_doc = _with_prev(doc_BL, None if prev is None else prev.doc, -(2**31))
-    prev_mod = _with_prev(modality_BL, None if prev is None else prev.modality, -1)
-    prev_valid = _with_prev(valid_BL, None if prev is None else prev.valid, False)
-    start = (doc_BL != prev_doc) | (modality_BL != prev_mod) | ~prev_valid | (modality_BL == MARKER)
+    first token of a call; default: nothing came before)."""
+    if prev is None:
+        prev = Previous.nothing(doc_BL.shape[0], 1, doc_BL.device, torch.float32)
+    start = ((doc_BL != _with_prev(doc_BL, prev.doc)) | (modality_BL != _with_prev(modality_BL, prev.modality))
+             | ~_with_prev(valid_BL, prev.valid) | (modality_BL == MARKER))
     return start & valid_BL
-
-
-def segment_positions(forced_BL: torch.Tensor, prev_pos_B: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Index of each token inside its forced segment (0 at every forced boundary).
-
-    Tokens before the chunk's first forced boundary continue ``prev_pos + 1``.
-    """
-    L = forced_BL.shape[1]
-    t = torch.arange(L, device=forced_BL.device).expand_as(forced_BL)
-    last_start = torch.where(forced_BL, t, torch.zeros_like(t)).cummax(dim=1).values
-    pos = t - last_start
-    if prev_pos_B is not None:
-        continuing = torch.cumsum(forced_BL.long(), 1) == 0
-        pos = pos + continuing * (prev_pos_B[:, None] + 1)
-    return pos
 
 
 class ChunkRouter(nn.Module):
@@ -159,11 +134,11 @@ class ChunkRouter(nn.Module):
             self.score = nn.Linear(2 * d_model, 1, bias=True)
 
     def forward(self, h_BLD: torch.Tensor, forced_BL: torch.Tensor, modality_BL: torch.Tensor,
-                prev: Optional[Previous] = None, targets: Optional[RatioTargets] = None) -> torch.Tensor:
-        """``targets`` (the ``fixed`` router's spacing) default to the configured ones."""
+                prev: Previous, targets: Optional[RatioTargets] = None) -> torch.Tensor:
+        """``prev``: the token before (zeros when nothing came before); ``targets`` (the
+        ``fixed`` router's spacing) default to the configured ones."""
         router = self.cfg.router
-        h_prev = _with_prev(h_BLD, None if prev is None else prev.h.to(h_BLD.dtype), 0.0) if router in (
-            "cosine", "linear") else None
+        h_prev = _with_prev(h_BLD, prev.h) if router in ("cosine", "linear") else None
         if router == "cosine":
             q = F.normalize(self.wq(h_BLD), dim=-1)
             k = F.normalize(self.wk(h_prev), dim=-1)  # k_{t-1}; zeros before the first token
@@ -172,7 +147,7 @@ class ChunkRouter(nn.Module):
         elif router == "linear":
             p = torch.sigmoid(self.score(torch.cat([h_BLD, h_prev], -1)).squeeze(-1))
         elif router == "fixed":
-            pos = segment_positions(forced_BL, None if prev is None else prev.segment_pos).to(h_BLD.dtype)
+            pos = segment_positions(forced_BL, prev.segment_pos).to(h_BLD.dtype)
             R_text, R_image = targets or RatioTargets.of(self.cfg)
             R = torch.where(modality_BL == IMAGE, R_image, R_text)
             p = (torch.floor(pos / R) != torch.floor((pos - 1) / R)).to(h_BLD.dtype)

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .attention import KVCache, Visibility, rope_rotation
+from .attention import Visibility, rope_rotation
+from .decoding_state import KVCache
 from .block import Block
 from .config import ModelConfig
 from .moe import MoEOutput

@@ -1,17 +1,29 @@
-"""Model configuration: nested dataclasses, filled from YAML, validated on construction.
+"""Model configurations: nested dataclasses, filled from YAML, validated on construction.
 
-YAML only fills the dataclasses (through OmegaConf's structured configs, which reject
-unknown keys and wrong types with the offending key in the message); every value
-check lives in ``__post_init__`` so a config built in Python is checked the same way.
+:class:`ModelConfig` (the language model) and :class:`VLMConfig` (it, the vision tower's
+:class:`~conceptvlm.vision.config.VisionConfig` and how images enter the sequence) live
+here; ``train_config.py`` nests them into the training config. There is one loader,
+:func:`load_config`: YAML only fills the dataclasses (through OmegaConf's structured
+configs, which reject unknown keys, wrong types and values outside a ``Literal``'s
+choices with the offending key in the message); every value check lives in
+``__post_init__`` so a config built in Python is checked the same way.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, TypeVar, get_args, get_origin, get_type_hints
 
-ROUTERS = ("cosine", "linear", "fixed", "none")
-RESIDUAL_FORMS = ("update", "output")
+from .vision.config import VisionConfig
+
+Router = Literal["cosine", "linear", "fixed", "none"]
+ResidualForm = Literal["update", "output"]
+LossRate = Literal["threshold", "sampled"]
+ImagePositions = Literal["1d", "2d"]
+ImageOrder = Literal["raster", "hilbert"]
+
+C = TypeVar("C")
 
 
 class ConfigError(ValueError):
@@ -19,8 +31,46 @@ class ConfigError(ValueError):
 
 
 def _check(cond: bool, msg: str) -> None:
+    """Raise :class:`ConfigError` with ``msg`` unless ``cond`` (every config module's checks)."""
     if not cond:
         raise ConfigError(msg)
+
+
+def check_choices(cfg: Any, prefix: str = "") -> None:
+    """Every ``Literal`` field of the dataclass ``cfg`` holds one of its choices.
+
+    OmegaConf checks YAML values already; this covers configs built in Python."""
+    hints = get_type_hints(type(cfg), vars(sys.modules[type(cfg).__module__]))
+    for f in fields(cfg):
+        choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
+        value = getattr(cfg, f.name)
+        _check(not choices or value in choices, f"{prefix}{f.name} must be one of {choices}, got {value!r}")
+
+
+class YamlConfig:
+    """``from_dict`` / ``from_yaml`` through :func:`load_config`; ``to_dict`` / ``save_yaml``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from a (possibly partial) nested mapping; unknown keys and bad values are errors."""
+        return load_config(cls, data)
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | Path, overrides: Optional[list[str]] = None) -> C:
+        """Load a YAML file (optionally with ``key.sub=value`` overrides)."""
+        data = read_yaml(path, overrides)
+        try:
+            return load_config(cls, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 @dataclass
@@ -47,17 +97,17 @@ class MoEConfig:
 class ChunkConfig:
     """Where concept boundaries go and how strongly the ratio loss pulls them."""
 
-    router: str = "cosine"  # cosine | linear | fixed | none
+    router: Router = "cosine"
     target_ratio_text: float = 2.0  # R for text positions (tokens per concept)
     target_ratio_image: float = 2.0  # R for image-patch positions
     ratio_loss_weight_text: float = 0.03
     ratio_loss_weight_image: float = 0.03
     sharpen: float = 6.0  # s in p~ = p^(1/s); 1 disables sharpening
     threshold: float = 0.5  # eval-mode boundary rule b = [p >= threshold]
-    residual_form: str = "update"  # update (DESIGN §2) | output (reference demo ablation)
+    residual_form: ResidualForm = "update"  # update (DESIGN §2) | output (reference demo ablation)
     # F of the ratio loss from the eval-rule boundaries ("threshold": the realised ratio
     # is what reaches the target) or from the sampled training ones ("sampled", the paper's).
-    loss_rate: str = "threshold"
+    loss_rate: LossRate = "threshold"
     # Sample boundaries in training (the paper's sharpened Bernoulli) or use the eval
     # rule throughout (deterministic training; H-Net style).
     sample_in_training: bool = True
@@ -69,16 +119,12 @@ class ChunkConfig:
     split_loss_weight_image: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.router in ROUTERS, f"chunk.router must be one of {ROUTERS}, got {self.router!r}")
+        check_choices(self, "chunk.")
         for name in ("target_ratio_text", "target_ratio_image"):
             r = getattr(self, name)
             _check(r > 1.0, f"chunk.{name} must be > 1 (the ratio loss has R/(R-1)), got {r}")
         _check(self.sharpen >= 1.0, f"chunk.sharpen must be >= 1, got {self.sharpen}")
         _check(0.0 < self.threshold < 1.0, f"chunk.threshold must be in (0, 1), got {self.threshold}")
-        _check(self.residual_form in RESIDUAL_FORMS,
-               f"chunk.residual_form must be one of {RESIDUAL_FORMS}, got {self.residual_form!r}")
-        _check(self.loss_rate in ("threshold", "sampled"),
-               f"chunk.loss_rate must be 'threshold' or 'sampled', got {self.loss_rate!r}")
         _check(self.ratio_loss_weight_text >= 0 and self.ratio_loss_weight_image >= 0,
                "chunk ratio loss weights must be >= 0")
         _check(self.split_loss_weight_text >= 0 and self.split_loss_weight_image >= 0,
@@ -101,7 +147,7 @@ class ConceptConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(YamlConfig):
     """ConceptMoE language model: encoder layers -> chunk -> concept layers -> dechunk -> decoder layers."""
 
     vocab_size: int = 512
@@ -126,7 +172,7 @@ class ModelConfig:
         # Nested configs may arrive as dicts when built in Python from a plain mapping.
         for name, cls in (("moe", MoEConfig), ("chunk", ChunkConfig), ("concept", ConceptConfig)):
             if isinstance(getattr(self, name), dict):
-                setattr(self, name, _build(cls, getattr(self, name), prefix=f"{name}."))
+                setattr(self, name, load_config(cls, getattr(self, name), prefix=f"{name}."))
         _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         _check(self.n_heads >= 1 and self.n_kv_heads >= 1, "n_heads and n_kv_heads must be >= 1")
         _check(self.d_model % self.n_heads == 0,
@@ -170,41 +216,72 @@ class ModelConfig:
     def n_layers(self) -> int:
         return self.n_encoder_layers + self.n_concept_layers + self.n_decoder_layers
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        """Build from a (possibly partial) nested mapping; unknown keys and bad types are errors."""
-        return _build(cls, data)
+@dataclass
+class ImageOptions:
+    """How images enter the token sequence (``vlm.py``)."""
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "ModelConfig":
-        """Load a YAML file (optionally with ``key.sub=value`` overrides)."""
-        from omegaconf import OmegaConf
+    image_positions: ImagePositions = "1d"  # 2d: (row, column) rotary positions for patches
+    image_order: ImageOrder = "raster"  # hilbert: patches along a Hilbert curve
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"model config not found: {path}")
-        raw = OmegaConf.load(path)
-        if overrides:
-            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides))
-        data = OmegaConf.to_container(raw, resolve=True)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        try:
-            return _build(cls, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-
-    def save_yaml(self, path: str | Path) -> None:
-        import yaml
-
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
-def _build(cls, data: dict[str, Any], prefix: str = ""):
-    """Structured merge through OmegaConf: unknown keys / wrong types name the key."""
+@dataclass
+class VLMConfig(ImageOptions, YamlConfig):
+    """The language model, the vision side and how images enter the sequence."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vision: Optional[VisionConfig] = None  # None: text only
+    image_token_id: int = 259  # defaults: conceptvlm.data.ByteTokenizer's ids (see with_tokenizer)
+    image_start_id: int = 260
+    image_end_id: int = 261
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = load_config(ModelConfig, self.model, prefix="model.")
+        if isinstance(self.vision, dict):
+            self.vision = load_config(VisionConfig, self.vision, prefix="vision.")
+        super().__post_init__()
+        ids = (self.image_token_id, self.image_start_id, self.image_end_id)
+        _check(len(set(ids)) == 3 and all(0 <= i < self.model.vocab_size for i in ids),
+              f"image token ids {ids} must be distinct and inside vocab_size={self.model.vocab_size}")
+
+    def with_tokenizer(self, tokenizer) -> "VLMConfig":
+        """Take the image token ids from ``tokenizer``; its vocabulary must fit the model's."""
+        _check(tokenizer.vocab_size <= self.model.vocab_size,
+              f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {self.model.vocab_size}; "
+              "raise model.vocab_size")
+        self.image_token_id = tokenizer.image_id
+        self.image_start_id = tokenizer.image_start_id
+        self.image_end_id = tokenizer.image_end_id
+        self.__post_init__()
+        return self
+
+
+def read_yaml(path: str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    """A YAML mapping with ``key.sub=value`` overrides merged in (interpolations resolved)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config not found: {path}")
+    raw = OmegaConf.load(path)
+    if overrides:
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+    data = OmegaConf.to_container(raw, resolve=True)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[C], data: Any, prefix: str = "") -> C:
+    """The one loader: a mapping -> a validated ``cls`` (any config dataclass here).
+
+    A structured merge through OmegaConf: unknown keys, wrong types and values outside a
+    ``Literal`` name the key; the dataclasses' own checks then run on construction.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -213,6 +290,10 @@ def _build(cls, data: dict[str, Any], prefix: str = ""):
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise omegaconf_error(e, prefix) from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a nested dataclass's own check (VisionConfig)
+        raise ConfigError(f"{prefix}{e}" if prefix else str(e)) from None
 
 
 def omegaconf_error(e: Exception, prefix: str = "") -> ConfigError:

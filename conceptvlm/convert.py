@@ -17,16 +17,17 @@ above 1 to R.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import torch
 import yaml
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, VLMConfig
 from .export import load_exported, save_model_dir
 from .train_config import TrainConfig, load_train_config
-from .vlm import ConceptVLM, VLMConfig
+from .vlm import ConceptVLM
 
 NEW_PARAM_MARKERS = ("lm.router.", ".attn.uqkv.", ".z_norm.")
 
@@ -93,9 +94,7 @@ def convert_baseline(baseline_dir: Union[str, Path], config: Union[str, Path, Tr
         tcfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
         target = tcfg.model
     _check_compatible(bcfg.model, target)
-    vcfg = VLMConfig(model=target, vision=bcfg.vision, image_token_id=bcfg.image_token_id,
-                     image_start_id=bcfg.image_start_id, image_end_id=bcfg.image_end_id,
-                     image_positions=bcfg.image_positions, image_order=bcfg.image_order)
+    vcfg = dataclasses.replace(bcfg, model=target)
     torch.manual_seed(0)
     new = ConceptVLM(vcfg)
     state, dropped = convert_state(base_model.state_dict(), bcfg.model, target, new)

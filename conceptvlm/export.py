@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,28 +17,24 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .config import ModelConfig
-from .vlm import ConceptVLM, VLMConfig
+from .config import VLMConfig
+from .vlm import ConceptVLM
 
 CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
 
 
 def vlm_config_dict(cfg: VLMConfig) -> dict[str, Any]:
-    vision = cfg.vision
-    if vision is not None and not isinstance(vision, dict):
-        vision = asdict(vision)
-    if vision is not None:
-        vision = dict(vision, checkpoint=None)  # the weights travel in model.safetensors
-    return {"model": cfg.model.to_dict(), "vision": vision, "image_token_id": cfg.image_token_id,
-            "image_start_id": cfg.image_start_id, "image_end_id": cfg.image_end_id,
-            "image_positions": cfg.image_positions, "image_order": cfg.image_order}
+    """``cfg.to_dict()`` without the tower's checkpoint path: the weights travel in model.safetensors."""
+    d = cfg.to_dict()
+    if d["vision"] is not None:
+        d["vision"]["checkpoint"] = None
+    return d
 
 
 def vlm_config_from_dict(d: dict[str, Any]) -> VLMConfig:
-    d = dict(d)
-    d["model"] = ModelConfig.from_dict(d["model"])
-    return VLMConfig(**d)
+    """The config of an exported directory, through the one loader (``VLMConfig.from_dict``)."""
+    return VLMConfig.from_dict(d)
 
 
 def _gathered(model: torch.nn.Module):

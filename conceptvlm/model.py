@@ -14,14 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, RMSNorm, Visibility, rope_rotation
+from .attention import RMSNorm, Visibility, rope_rotation
 from .block import Block
-from .chunk import (TEXT, ChunkRouter, Chunks, Previous, RatioTargets, chunk_statistics, forced_boundaries, gather_rows,
-                    locate_concepts, segment_positions)
+from .chunk import TEXT, ChunkRouter, Chunks, RatioTargets, chunk_statistics, forced_boundaries, gather_rows, \
+    locate_concepts
 from .concept_model import ConceptModel
 from .config import ModelConfig
+from .decoding_state import ConceptState, InferenceState
 from .dechunk import dechunk
 from .moe import GroupedExperts, MoEOutput
+from .positions import positions_in_document
 
 IGNORE_INDEX = -100
 
@@ -45,19 +47,6 @@ class ModelOutput:
     boundary_prob: Optional[torch.Tensor] = None  # [B, L] router probability p_t
 
 
-def positions_in_document(doc_BL: torch.Tensor, valid_BL: torch.Tensor,
-                          prev: Optional[Previous] = None, next_pos_B: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """RoPE position of each token: its index inside its document of the packed row.
-
-    During incremental decoding, tokens continuing the previous chunk's document carry
-    on from ``next_pos``.
-    """
-    first = torch.full_like(doc_BL[:, :1], -(2**31)) if prev is None else \
-        torch.where(prev.valid, prev.doc, -(2**31))[:, None]
-    starts = (doc_BL != torch.cat([first, doc_BL[:, :-1]], 1)) | ~valid_BL
-    return segment_positions(starts, None if prev is None else next_pos_B - 1)
-
-
 def next_token_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, doc_BL: torch.Tensor):
     """Mean cross-entropy of predicting ``labels[t+1]`` at position t within a document.
 
@@ -70,26 +59,6 @@ def next_token_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, doc_BL: t
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                          ignore_index=IGNORE_INDEX, reduction="sum")
     return ce / n.clamp_min(1), int(n)
-
-
-@dataclass
-class InferenceState:
-    """What incremental decoding carries between calls: KV caches at token level
-    (encoder, decoder) and concept level (concept model, one per loop x layer), the
-    last real token of each row (for the router and forced boundaries), the next
-    in-document position and the dechunk EMA state of the current concept."""
-
-    encoder: list
-    concept: list
-    decoder: list
-    prev: Optional[Previous] = None
-    next_pos: Optional[torch.Tensor] = None  # [B]
-    z: Optional[torch.Tensor] = None  # [B, D]
-
-    def kv_bytes(self) -> dict[str, int]:
-        parts = {name: sum(c.nbytes() for c in getattr(self, name)) for name in ("encoder", "concept", "decoder")}
-        parts["total"] = sum(parts.values())
-        return parts
 
 
 class ConceptMoE(nn.Module):
@@ -148,9 +117,17 @@ class ConceptMoE(nn.Module):
     # --------------------------------------------------------------- forward
     def new_state(self) -> InferenceState:
         """Empty caches for :meth:`forward` with ``use_cache=True``."""
-        return InferenceState(encoder=[KVCache() for _ in self.encoder],
-                              concept=[KVCache() for _ in range(self.concept_model.n_cache_slots)],
-                              decoder=[KVCache() for _ in self.decoder])
+        return InferenceState.new(len(self.encoder), self.concept_model.n_cache_slots, len(self.decoder))
+
+    def token_positions(self, doc_BL: torch.Tensor, valid_BL: torch.Tensor,
+                        state: Optional[InferenceState] = None) -> torch.Tensor:
+        """In-document positions of these tokens, continuing ``state``'s last token."""
+        st = state if state is not None else self._stateless()
+        prev = st.tokens.previous(doc_BL.shape[0], self.config.d_model, doc_BL.device, self.embed.weight.dtype)
+        return positions_in_document(doc_BL, valid_BL, prev)
+
+    def _stateless(self) -> InferenceState:
+        return InferenceState.stateless(len(self.encoder), self.concept_model.n_cache_slots, len(self.decoder))
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None, modality: Optional[torch.Tensor] = None,
@@ -178,80 +155,55 @@ class ConceptMoE(nn.Module):
         cfg = self.config
         if use_cache and state is None:
             state = self.new_state()
+        st = state if state is not None else self._stateless()
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        B, L, _ = h.shape
+        B, L, D = h.shape
         dev = h.device
         doc = torch.zeros(B, L, dtype=torch.long, device=dev) if doc_ids is None else doc_ids.to(dev)
         valid = doc >= 0
         mod = torch.full((B, L), TEXT, dtype=torch.long, device=dev) if modality is None else modality.to(dev)
-        prev = None if state is None else state.prev
-        pos1d = positions_in_document(doc, valid, prev, None if state is None else state.next_pos)
+        prev = st.tokens.previous(B, D, dev, h.dtype)
+        pos1d = positions_in_document(doc, valid, prev)
         pos = pos1d if positions is None else positions.to(dev)
 
         moe_outs: list[MoEOutput] = []
         rope = rope_rotation(pos, cfg.d_model // cfg.n_heads, cfg.rope_base, cfg.rope_scaling, h.dtype)
-        token_caches = None if state is None else state.encoder + state.decoder
-        vis = Visibility.build(doc, valid, token_caches[0] if token_caches else None)
-        for i, layer in enumerate(self.encoder):
-            h, out = layer(h, rope, vis, cache=None if state is None else state.encoder[i])
+        vis = Visibility.build(doc, valid, st.tokens.first_cache())
+        for layer, cache in zip(self.encoder, st.tokens.encoder):
+            h, out = layer(h, rope, vis, cache=cache)
             moe_outs.append(out)
 
         forced = forced_boundaries(doc, valid, mod, prev)
         p = self.router(h, forced, mod, prev, ratio_targets)
         chunks = locate_concepts(p, self.router.boundaries(p, forced, valid))
-        z, z_last = self.concept_signal(h, chunks, pos, doc, moe_outs, state)
+        z, z_last = self.concept_signal(h, chunks, pos, doc, moe_outs, st.concepts)
         x = h + z
-        for i, layer in enumerate(self.decoder):
-            x, out = layer(x, rope, vis, z_BLD=z if cfg.joint_decoding else None,
-                           cache=None if state is None else state.decoder[i])
+        for layer, cache in zip(self.decoder, st.tokens.decoder):
+            x, out = layer(x, rope, vis, z_BLD=z if cfg.joint_decoding else None, cache=cache)
             moe_outs.append(out)
         logits = self.lm_head(self.norm(x))
-        if state is not None:
-            self._advance(state, h, doc, valid, mod, forced, pos1d, z_last)
+        st.tokens.advance(prev, h, doc, valid, mod, forced, pos1d)
+        st.concepts.advance(z_last)
         out = self._output(logits, labels, doc, valid, mod, chunks, moe_outs, ratio_targets,
-                           statistics=state is None or labels is not None or self.training)
+                           statistics=not st.caching or labels is not None or self.training)
         out.state = state
         return out
 
     def concept_signal(self, h_BLD: torch.Tensor, chunks: Chunks, pos_BL: torch.Tensor, doc_BL: torch.Tensor,
-                       moe_outs: list[MoEOutput], state: Optional[InferenceState] = None):
+                       moe_outs: list[MoEOutput], state: ConceptState):
         """Concepts through the concept model and back to tokens: ``z_{j(t)} * STE(conf_t)``
         (and each row's final EMA state)."""
         c = gather_rows(h_BLD, chunks.pos_BM)  # a concept is its boundary token's state
         c_pos = gather_rows(pos_BL, chunks.pos_BM)  # ... and keeps that token's position
         c_doc = torch.where(chunks.valid_BM, gather_rows(doc_BL, chunks.pos_BM), -1)
-        if state is not None and not bool(chunks.valid_BM.any()):
+        if state.keeps and not bool(chunks.valid_BM.any()):
             update = torch.zeros_like(c)  # no row starts a concept: the concept model has nothing to do
         else:
-            update, outs = self.concept_model(c, c_pos, c_doc, chunks.valid_BM,
-                                              None if state is None else state.concept)
+            update, outs = self.concept_model(c, c_pos, c_doc, chunks.valid_BM, state.caches)
             moe_outs.extend(outs)
         if self.config.chunk.residual_form == "output":  # ablation: smooth chat itself
             update = c + update
-        return dechunk(update, chunks, None if state is None else state.z)
-
-    @torch.no_grad()
-    def _advance(self, state: InferenceState, h, doc, valid, mod, forced, pos1d, z_last) -> None:
-        """Remember each row's last real token of this chunk (rows without one keep theirs)."""
-        B, L, D = h.shape
-        idx = torch.where(valid, torch.arange(L, device=h.device), -1).max(1).values  # [B]
-        has = idx >= 0
-        at = idx.clamp_min(0)
-        rows = torch.arange(B, device=h.device)
-        prev = state.prev
-        seg = segment_positions(forced, None if prev is None else prev.segment_pos)
-
-        def pick(x_BL, old):
-            new = x_BL[rows, at]
-            return new if old is None else torch.where(has.view(-1, *([1] * (new.dim() - 1))), new, old)
-
-        state.prev = Previous(h=pick(h.detach(), None if prev is None else prev.h),
-                              doc=pick(doc, None if prev is None else prev.doc),
-                              modality=pick(mod, None if prev is None else prev.modality),
-                              valid=has if prev is None else (has | prev.valid),
-                              segment_pos=pick(seg, None if prev is None else prev.segment_pos))
-        state.next_pos = pick(pos1d + 1, state.next_pos)
-        state.z = z_last.detach()
+        return dechunk(update, chunks, state.z_BD)
 
     def _output(self, logits, labels, doc, valid, mod, chunks: Chunks, moe_outs,
                 ratio_targets: Optional[RatioTargets], statistics: bool = True) -> ModelOutput:

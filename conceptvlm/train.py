@@ -104,14 +104,15 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
 
 def build_model(cfg: TrainConfig, tokenizer):
     """A ConceptVLM (text-only when ``vision`` is null) with the tokenizer's image ids."""
-    from .vlm import ConceptVLM, VLMConfig
+    from .config import VLMConfig
+    from .vlm import ConceptVLM
 
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")
-    vcfg = VLMConfig(model=cfg.model, vision=dict(cfg.vision) if cfg.vision is not None else None,
-                     image_token_id=tokenizer.image_id, image_start_id=tokenizer.image_start_id,
-                     image_end_id=tokenizer.image_end_id, **asdict(cfg.image))
+    vcfg = VLMConfig(model=cfg.model, vision=cfg.vision, image_token_id=tokenizer.image_id,
+                     image_start_id=tokenizer.image_start_id, image_end_id=tokenizer.image_end_id,
+                     **asdict(cfg.image))
     model = ConceptVLM(vcfg)
     if cfg.train.init_from:
         from safetensors.torch import load_file
@@ -206,7 +207,7 @@ def build_loaders(cfg: TrainConfig, tokenizer, model) -> list:
     rank, world = dist.get_rank(), dist.get_world_size()
     v = d.virtual_ranks
     sources = [Source(s.shards, s.kind, s.weight, s.caption_prompt) for s in d.sources]
-    per_image = getattr(model, "image_tokens_per_image", 0) or 1  # text-only: no image blocks
+    per_image = model.tokens_per_image or 1  # text-only: no image blocks
     transform = getattr(model, "image_processor", None)
     loaders = []
     for i in range(v):

@@ -16,27 +16,29 @@ A train YAML looks like::
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from .config import ConfigError, ModelConfig, omegaconf_error
+from .config import ConfigError, ImageOptions, ModelConfig, YamlConfig, _check, check_choices, load_config, \
+    omegaconf_error
+from .vision.config import VisionConfig
 
-PRECISIONS = ("auto", "fp32", "bf16")
-OPTIMIZERS = ("adamw", "sgd")
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+SourceKind = Literal["caption", "vqa", "grounding", "interleaved", "text"]
+LongDocs = Literal["split", "drop"]
+Optimizer = Literal["adamw", "sgd"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass
 class SourceConfig:
     shards: Any = "???"  # a shard spec string or a list of them (data/shards.py)
-    kind: str = "text"  # caption | vqa | grounding | interleaved | text
+    kind: SourceKind = "text"
     weight: float = 1.0
     caption_prompt: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_choices(self, "data.sources[*].")
 
 
 @dataclass
@@ -50,12 +52,13 @@ class DataSection:
     shuffle_initial: int = 20
     resample: bool = True  # endless stream: steps, not epochs, end training
     num_workers: int = 0
-    long_docs: str = "split"
+    long_docs: LongDocs = "split"  # a document longer than seq_len: split at safe cuts, or drop it
     # Read the data as this many consecutive ranks would and concatenate their rows: one
     # process then sees exactly the global batch of a `virtual_ranks`-rank run.
     virtual_ranks: int = 1
 
     def __post_init__(self) -> None:
+        check_choices(self, "data.")
         _check(self.virtual_ranks >= 1, f"data.virtual_ranks must be >= 1, got {self.virtual_ranks}")
         _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
@@ -64,7 +67,7 @@ class DataSection:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: Optimizer = "adamw"
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0
@@ -75,7 +78,7 @@ class OptimConfig:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        check_choices(self, "optim.")
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -89,14 +92,14 @@ class ParallelConfig:
     deepspeed_config: str = "configs/deepspeed/zero1.json"
     zero_stage: Optional[int] = None  # overrides the JSON's zero_optimization.stage
     ep_size: int = 1  # expert-parallel group size (ZeRO 0-2 only)
-    precision: str = "auto"  # auto: bf16 where CUDA has it, else fp32
+    precision: Precision = "auto"  # auto: bf16 where CUDA has it, else fp32
     activation_checkpointing: bool = False  # torch.utils.checkpoint around every block
 
     def __post_init__(self) -> None:
         _check(self.zero_stage is None or self.zero_stage in (0, 1, 2, 3),
                f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check(self.ep_size >= 1, f"parallel.ep_size must be >= 1, got {self.ep_size}")
-        _check(self.precision in PRECISIONS, f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_choices(self, "parallel.")
 
 
 @dataclass
@@ -142,16 +145,10 @@ class TrainSection:
 
 
 @dataclass
-class ImageOptions:
-    image_positions: str = "1d"
-    image_order: str = "raster"
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(YamlConfig):
     model_file: Optional[str] = None  # a ModelConfig YAML used as the base of `model`
     model: ModelConfig = field(default_factory=ModelConfig)
-    vision: Optional[Any] = None  # VisionConfig mapping; None = text-only ConceptVLM
+    vision: Optional[VisionConfig] = None  # None = text-only ConceptVLM
     image: ImageOptions = field(default_factory=ImageOptions)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -160,25 +157,10 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:
-        if self.vision is not None:
-            from .vision import VisionConfig
-
-            try:
-                VisionConfig(**dict(self.vision))
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"bad config key vision: {e}") from None
         _check(self.model.moe.n_experts % self.parallel.ep_size == 0,
                f"parallel.ep_size={self.parallel.ep_size} must divide model.moe.n_experts={self.model.moe.n_experts}")
         for s in self.data.sources:
             _check(s.shards not in (None, "", "???"), "data.sources[*].shards is required")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save_yaml(self, path: str | Path) -> None:
-        import yaml
-
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _find(name: str, config_path: Optional[str | Path]) -> Path:
@@ -226,9 +208,7 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
             raw.model_file = str(model_file)
             base = OmegaConf.load(model_file)
             raw = OmegaConf.merge(raw, {"model": OmegaConf.merge(base, raw.get("model") or {})})
-        container = OmegaConf.to_container(raw, resolve=True)
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
-        return OmegaConf.to_object(merged)
+        return load_config(TrainConfig, OmegaConf.to_container(raw, resolve=True))
     except OmegaConfBaseException as e:
         raise omegaconf_error(e) from None
     except ConfigError as e:

@@ -19,78 +19,16 @@ breaks spatial structure):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .chunk import IMAGE, MARKER, TEXT, RatioTargets
-from .config import ConfigError, ModelConfig
-from .model import IGNORE_INDEX, ConceptMoE, InferenceState, ModelOutput, positions_in_document
-
-IMAGE_POSITIONS = ("1d", "2d")
-IMAGE_ORDERS = ("raster", "hilbert")
-
-
-@dataclass
-class VLMConfig:
-    """The language model, the vision side and how images enter the sequence."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    vision: Optional[Any] = None  # conceptvlm.vision.VisionConfig, or None for text only
-    image_token_id: int = 259  # defaults: conceptvlm.data.ByteTokenizer's ids (see with_tokenizer)
-    image_start_id: int = 260
-    image_end_id: int = 261
-    image_positions: str = "1d"
-    image_order: str = "raster"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
-        if isinstance(self.vision, dict):
-            from .vision import VisionConfig
-
-            self.vision = VisionConfig(**self.vision)
-        if self.image_positions not in IMAGE_POSITIONS:
-            raise ConfigError(f"image_positions must be one of {IMAGE_POSITIONS}, got {self.image_positions!r}")
-        if self.image_order not in IMAGE_ORDERS:
-            raise ConfigError(f"image_order must be one of {IMAGE_ORDERS}, got {self.image_order!r}")
-        ids = (self.image_token_id, self.image_start_id, self.image_end_id)
-        if len(set(ids)) != 3 or not all(0 <= i < self.model.vocab_size for i in ids):
-            raise ConfigError(f"image token ids {ids} must be distinct and inside vocab_size={self.model.vocab_size}")
-
-    def with_tokenizer(self, tokenizer) -> "VLMConfig":
-        """Take the image token ids from ``tokenizer``; its vocabulary must fit the model's."""
-        if tokenizer.vocab_size > self.model.vocab_size:
-            raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
-                              f"{self.model.vocab_size}; raise model.vocab_size")
-        self.image_token_id = tokenizer.image_id
-        self.image_start_id = tokenizer.image_start_id
-        self.image_end_id = tokenizer.image_end_id
-        self.__post_init__()
-        return self
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "VLMConfig":
-        """YAML with ``model:`` (a ModelConfig mapping), ``vision:`` and the image options."""
-        from omegaconf import OmegaConf
-
-        raw = OmegaConf.load(path)
-        if overrides:
-            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides))
-        data = OmegaConf.to_container(raw, resolve=True)
-        known = {"model", "vision", "image_token_id", "image_start_id", "image_end_id", "image_positions",
-                 "image_order"}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; expected {sorted(known)}")
-        try:
-            return cls(**data)
-        except (ConfigError, TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: {e}") from None
-
+from .config import VLMConfig
+from .decoding_state import InferenceState
+from .model import IGNORE_INDEX, ConceptMoE, ModelOutput
+from .positions import image_positions_2d
 
 def hilbert_index(rows: int, cols: int) -> torch.Tensor:
     """Distance of each raster cell ``r * cols + c`` along a Hilbert curve over the grid.
@@ -141,10 +79,6 @@ class ConceptVLM(nn.Module):
         self.register_buffer("patch_order", order if order is not None else torch.arange(rows * cols),
                              persistent=False)
 
-    @property
-    def image_tokens_per_image(self) -> int:
-        return self.tokens_per_image
-
     def modality(self, input_ids: torch.Tensor) -> torch.Tensor:
         c = self.config
         mod = torch.full_like(input_ids, TEXT)
@@ -165,17 +99,7 @@ class ConceptVLM(nn.Module):
 
     def image_positions(self, pos_BL: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
         """``[B, L, 2]`` positions: (t, t) for text, (start + row, start + col) for patches."""
-        rows, cols = self.image_grid
-        is_img = modality_BL == IMAGE
-        # k-th patch of its image block: count of image tokens since the block started.
-        k = torch.cumsum(is_img.long(), 1)
-        block_start = torch.where(is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:, :-1], k, 0).cummax(1).values
-        k = k - block_start  # 0-based slot within the block
-        raster = self.patch_order.to(pos_BL.device)[k.clamp(0, rows * cols - 1)]
-        start = pos_BL - k  # position of the first patch
-        row = torch.where(is_img, start + raster // cols, pos_BL)
-        col = torch.where(is_img, start + raster % cols, pos_BL)
-        return torch.stack([row, col], -1)
+        return image_positions_2d(pos_BL, modality_BL == IMAGE, self.patch_order, self.image_grid[1])
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
@@ -206,8 +130,7 @@ class ConceptVLM(nn.Module):
         doc = torch.zeros_like(input_ids) if doc_ids is None else doc_ids.to(dev)
         pos = None
         if self.config.image_positions == "2d" and self.tower is not None:
-            prev = None if state is None else state.prev
-            pos1d = positions_in_document(doc, doc >= 0, prev, None if state is None else state.next_pos)
+            pos1d = self.lm.token_positions(doc, doc >= 0, state)
             pos = self.image_positions(pos1d, mod)
         return self.lm(labels=labels, doc_ids=doc, modality=mod, positions=pos, inputs_embeds=emb,
                        use_cache=use_cache, state=state, ratio_targets=ratio_targets)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-BACKENDS = ("timm", "open_clip")
-FREEZE_MODES = ("all", "none", "last_n")
-PROJECTORS = ("mlp", "linear")
-REDUCTIONS = ("none", "pixel_shuffle", "avg_pool")
+Backend = Literal["timm", "open_clip"]
+FreezeMode = Literal["all", "none", "last_n"]
+ProjectorKind = Literal["mlp", "linear"]
+Reduction = Literal["none", "pixel_shuffle", "avg_pool"]
+BACKENDS, FREEZE_MODES = get_args(Backend), get_args(FreezeMode)
+PROJECTORS, REDUCTIONS = get_args(ProjectorKind), get_args(Reduction)
 
 
 @dataclass
@@ -44,15 +46,15 @@ class VisionConfig:
     """
 
     name: str
-    backend: str = "timm"
+    backend: Backend = "timm"
     checkpoint: str | None = None
     image_size: int | None = None
     feature_layer: int = -2
     keep_cls_token: bool = False
-    freeze: str = "all"
+    freeze: FreezeMode = "all"
     train_last_n: int = 0
-    projector: str = "mlp"
-    reduction: str = "none"
+    projector: ProjectorKind = "mlp"
+    reduction: Reduction = "none"
     reduction_factor: int = 1
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 

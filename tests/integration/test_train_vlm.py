@@ -10,7 +10,7 @@ from conceptvlm.export import load_exported
 from conceptvlm.logging_utils import read_jsonl
 from conceptvlm.train import build_model, train
 from conceptvlm.train_config import load_train_config
-from train_helpers import REPO, one_thread  # noqa: F401 (autouse fixture)
+from train_helpers import REPO
 
 
 def _shards(tmp_path):
@@ -35,7 +35,7 @@ def test_tiny_vlm_trains_and_logs_both_modalities(tmp_path):
                 "concepts_per_s", "balance_loss", "z_loss", "expert_load/layer0/max_over_mean"):
         assert key in rows[-1], key
     model, tok = load_exported(tmp_path / "vlm" / "export")
-    assert model.tower is not None and model.image_tokens_per_image == 64
+    assert model.tower is not None and model.tokens_per_image == 64
 
 
 def test_projector_alignment_trains_only_the_projector(tmp_path):

@@ -1,7 +1,10 @@
 """ModelConfig: YAML loading and clear errors for bad keys and values."""
 import pytest
 
-from conceptvlm import ConfigError, ModelConfig
+import dataclasses
+
+from conceptvlm import ConfigError, ModelConfig, VLMConfig
+from conceptvlm.config import ChunkConfig
 
 
 def test_tiny_yaml_loads(repo_root):
@@ -34,3 +37,22 @@ def test_roundtrip(tmp_path):
     cfg = ModelConfig(concept={"loops": 2, "top_k": 3})
     cfg.save_yaml(tmp_path / "c.yaml")
     assert ModelConfig.from_yaml(tmp_path / "c.yaml") == cfg
+
+
+def test_choices_are_checked_when_built_in_python_too():
+    with pytest.raises(ConfigError, match=r"chunk\.router must be one of"):
+        ChunkConfig(router="magic")
+    with pytest.raises(ConfigError, match="image_order"):
+        VLMConfig(image_order="zigzag")
+    with pytest.raises(ConfigError, match="backend"):
+        VLMConfig.from_dict({"vision": {"name": "vit_tiny_patch16_224", "backend": "jax"}})
+
+
+def test_vlm_config_roundtrips_through_the_export_dict():
+    from conceptvlm.export import vlm_config_dict, vlm_config_from_dict
+    from conceptvlm.vision import tiny_vision_config
+
+    cfg = VLMConfig(model=ModelConfig(concept={"loops": 2}), vision=tiny_vision_config(checkpoint="w.safetensors"),
+                    image_positions="2d", image_order="hilbert")
+    back = vlm_config_from_dict(vlm_config_dict(cfg))
+    assert back == dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, checkpoint=None))

@@ -67,7 +67,7 @@ def test_concept_cache_is_smaller_by_the_compression_ratio():
         state = model(ids[:, t:t + 1], state=state).state
     kv = state.kv_bytes()
     per_layer_token = kv["encoder"]  # one encoder layer, 64 tokens
-    per_layer_concept = kv["concept"] / len(state.concept)
+    per_layer_concept = kv["concept"] / len(state.concepts.caches)
     assert per_layer_token / per_layer_concept == pytest.approx(2.0)
 
 

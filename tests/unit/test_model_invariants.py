@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from conceptvlm.attention import Visibility, rope_rotation
-from conceptvlm.model import positions_in_document
 from helpers import MODEL_VARIANTS as VARIANTS, make_forced_all_boundaries, tiny_model
 
 
@@ -57,7 +56,7 @@ def plain_moe_logits(model, ids):
     x = model.embed(ids)
     doc = torch.zeros_like(ids)
     valid = torch.ones_like(ids, dtype=torch.bool)
-    rope = rope_rotation(positions_in_document(doc, valid), cfg.d_model // cfg.n_heads, cfg.rope_base,
+    rope = rope_rotation(model.token_positions(doc, valid), cfg.d_model // cfg.n_heads, cfg.rope_base,
                          cfg.rope_scaling, x.dtype)
     for layer in [*model.encoder, *model.concept_model.layers, *model.decoder]:
         x, _ = layer(x, rope, Visibility.build(doc, valid))
