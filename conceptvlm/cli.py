@@ -39,7 +39,8 @@ def _register_bench(sub: "argparse._SubParsersAction") -> "argparse._SubParsersA
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import __version__
-    from . import demo, experiments, flops
+    from . import demo, experiments
+    from .bench import flops as flops_report
     from .convert import add_convert_parser
     from .train import add_train_parser
     from .bench import inference as inference_bench
@@ -65,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     inference_bench.register_bench(bench_kinds)
     scan_bench.register_bench(bench_kinds)
     train_bench.register_bench(bench_kinds)
-    flops.register(sub)
+    flops_report.register(sub)
     experiments.register(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -24,17 +24,16 @@ Definitions (per token, batch 1):
   own cache) holds M. Same keys as ``InferenceState.kv_bytes()``.
 
 The paper matches *activated FLOPs excluding the attention map* and *total parameters*
-between a baseline MoE and ConceptMoE (:func:`match_compute`).
+between a baseline MoE and ConceptMoE (:func:`match_compute`; one function per
+strategy: :func:`match_topk`, :func:`match_loops`, :func:`match_width`). The printed
+report is ``conceptvlm flops`` (``bench/flops.py``).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import ModelConfig
 
@@ -339,13 +338,86 @@ class MatchResult:
                 f"{self.params_mismatch_pct:+.2f}%. {self.note}")
 
 
-def _with_concept(base: dict, R: float, router: str, joint: bool, **concept) -> ModelConfig:
+def concept_config(base: dict, R: float, router: str, joint: bool, **concept) -> ModelConfig:
+    """The ConceptMoE of a baseline's config dict at ratio ``R`` with these concept settings."""
     d = copy.deepcopy(base)
     d["chunk"]["router"] = router
     d["chunk"]["target_ratio_text"] = R
     d["joint_decoding"] = joint
     d["concept"] = concept
     return ModelConfig.from_dict(d)
+
+
+@dataclass
+class _Matching:
+    """What a strategy needs: the baseline, builders and the FLOPs target."""
+
+    base: ModelConfig
+    build: Callable[..., ModelConfig]  # concept settings -> ConceptMoE config
+    flops: Callable[[ModelConfig], float]  # linear FLOPs per token at R
+    target: float  # the baseline's
+    max_loops: int
+    max_width_factor: float
+
+
+# Each strategy returns (candidates [(knob, config)], ideal knob value, FLOPs of one knob step, note).
+def match_topk(m: _Matching) -> tuple[list, float, float, str]:
+    """More activated experts per concept (integer top-k, at most ``n_experts``)."""
+    lo, hi = m.flops(m.build(top_k=1)), m.flops(m.build(top_k=2))
+    step = hi - lo
+    ideal = 1 + (m.target - lo) / step
+    ks = sorted({min(max(int(math.floor(ideal)) + j, 1), m.base.moe.n_experts) for j in (0, 1)})
+    return ([({"top_k": k}, m.build(top_k=k)) for k in ks], ideal, step,
+            "total params match up to the chunk module and joint projectors; FLOPs move "
+            "in steps of one expert per concept")
+
+
+def match_loops(m: _Matching) -> tuple[list, float, float, str]:
+    """The concept layers run ``n`` times with shared weights (at most ``max_loops``)."""
+    lo, hi = m.flops(m.build(loops=1)), m.flops(m.build(loops=2))
+    step = hi - lo
+    ideal = 1 + (m.target - lo) / step
+    ns = sorted({min(max(int(math.floor(ideal)) + j, 1), m.max_loops) for j in (0, 1)})
+    return ([({"loops": n}, m.build(loops=n)) for n in ns], ideal, step,
+            "total params match up to the chunk module and joint projectors; FLOPs move in "
+            "steps of one pass over the concept layers (R far from an integer cannot match)")
+
+
+def match_width(m: _Matching) -> tuple[list, float, float, str]:
+    """A wider concept model: heads in steps of one GQA group, expert hidden fine-tuned."""
+    base = m.base
+    hd, group = base.d_model // base.n_heads, base.n_heads // base.n_kv_heads
+    H = base.moe.expert_hidden
+    widths, uniform = [], []
+    h = base.n_heads
+    while h * hd <= m.max_width_factor * base.d_model:  # heads in steps of one GQA group
+        dc = h * hd
+        widths.append(dict(d_model=dc, n_heads=h, n_kv_heads=h // group))
+        hid = max(8, int(round(H * dc / base.d_model / 8)) * 8)
+        uniform.append(m.flops(m.build(**widths[-1], expert_hidden=hid)))
+        h += group
+    # ideal width under uniform scaling (expert hidden ~ width), interpolated
+    ideal, near = float(widths[-1]["d_model"]), len(widths) - 1
+    for i in range(1, len(uniform)):
+        if uniform[i - 1] <= m.target <= uniform[i]:
+            w0, w1 = widths[i - 1]["d_model"], widths[i]["d_model"]
+            ideal = w0 + (m.target - uniform[i - 1]) / (uniform[i] - uniform[i - 1]) * (w1 - w0)
+            near = i - 1 if ideal - w0 < w1 - ideal else i
+            break
+    # at the nearest width, the expert hidden size (multiples of 8) fine-tunes the FLOPs
+    knob = dict(widths[near])
+    f8 = m.flops(m.build(**knob, expert_hidden=16)) - m.flops(m.build(**knob, expert_hidden=8))
+    f0 = m.flops(m.build(**knob, expert_hidden=8)) - f8
+    hid = max(8, int(round((m.target - f0) / f8)) * 8)
+    cands = [({**knob, "expert_hidden": hh}, m.build(**knob, expert_hidden=hh)) for hh in (hid - 8, hid, hid + 8)
+             if hh >= 8]
+    return (cands, ideal, f8,
+            "heads added at the same head dim, expert hidden fine-tuned in steps of 8; linear FLOPs "
+            "and params both grow with width: matching FLOPs multiplies the concept model's params "
+            "by ~R, so total params cannot match")
+
+
+STRATEGY_FUNCTIONS = {"topk": match_topk, "loops": match_loops, "width": match_width}
 
 
 def match_compute(baseline_cfg: ModelConfig, R: float, strategy: str = "topk", router: Optional[str] = None,
@@ -377,170 +449,15 @@ def match_compute(baseline_cfg: ModelConfig, R: float, strategy: str = "topk", r
     base = baseline_of(baseline_cfg)
     bd = base.to_dict()
     router = router or (baseline_cfg.chunk.router if baseline_cfg.chunk.router != "none" else "cosine")
-    target = linear_flops_per_token(base)["all"]
-    p_base = parameter_counts(base).n_total
-
-    def build(**c) -> ModelConfig:
-        return _with_concept(bd, R, router, joint_decoding, **c)
-
-    def flops(c: ModelConfig) -> float:
-        return linear_flops_per_token(c, R)["all"]
-
-    cands: list[tuple[dict, ModelConfig]] = []
-    if strategy == "topk":
-        lo, hi = flops(build(top_k=1)), flops(build(top_k=2))
-        step = hi - lo
-        ideal = 1 + (target - lo) / step
-        for k in sorted({min(max(int(math.floor(ideal)) + j, 1), base.moe.n_experts) for j in (0, 1)}):
-            cands.append(({"top_k": k}, build(top_k=k)))
-        note = ("total params match up to the chunk module and joint projectors; FLOPs move "
-                "in steps of one expert per concept")
-    elif strategy == "loops":
-        lo, hi = flops(build(loops=1)), flops(build(loops=2))
-        step = hi - lo
-        ideal = 1 + (target - lo) / step
-        for n in sorted({min(max(int(math.floor(ideal)) + j, 1), max_loops) for j in (0, 1)}):
-            cands.append(({"loops": n}, build(loops=n)))
-        note = ("total params match up to the chunk module and joint projectors; FLOPs move in "
-                "steps of one pass over the concept layers (R far from an integer cannot match)")
-    else:
-        hd, group = base.d_model // base.n_heads, base.n_heads // base.n_kv_heads
-        H = base.moe.expert_hidden
-        widths, uniform = [], []
-        h = base.n_heads
-        while h * hd <= max_width_factor * base.d_model:  # heads in steps of one GQA group
-            dc = h * hd
-            widths.append(dict(d_model=dc, n_heads=h, n_kv_heads=h // group))
-            hid = max(8, int(round(H * dc / base.d_model / 8)) * 8)
-            uniform.append(flops(build(**widths[-1], expert_hidden=hid)))
-            h += group
-        # ideal width under uniform scaling (expert hidden ~ width), interpolated
-        ideal, near = float(widths[-1]["d_model"]), len(widths) - 1
-        for i in range(1, len(uniform)):
-            if uniform[i - 1] <= target <= uniform[i]:
-                w0, w1 = widths[i - 1]["d_model"], widths[i]["d_model"]
-                ideal = w0 + (target - uniform[i - 1]) / (uniform[i] - uniform[i - 1]) * (w1 - w0)
-                near = i - 1 if ideal - w0 < w1 - ideal else i
-                break
-        # at the nearest width, the expert hidden size (multiples of 8) fine-tunes the FLOPs
-        knob = dict(widths[near])
-        f8 = flops(build(**knob, expert_hidden=16)) - flops(build(**knob, expert_hidden=8))
-        f0 = flops(build(**knob, expert_hidden=8)) - f8
-        hid = max(8, int(round((target - f0) / f8)) * 8)
-        for hh in (hid - 8, hid, hid + 8):
-            if hh >= 8:
-                cands.append(({**knob, "expert_hidden": hh}, build(**knob, expert_hidden=hh)))
-        step = f8
-        note = ("heads added at the same head dim, expert hidden fine-tuned in steps of 8; linear FLOPs "
-                "and params both grow with width: matching FLOPs multiplies the concept model's params "
-                "by ~R, so total params cannot match")
-    best_knob, best_cfg = min(cands, key=lambda kc: abs(flops(kc[1]) - target))
-    fc = flops(best_cfg)
-    p_c = parameter_counts(best_cfg).n_total
+    m = _Matching(base=base, build=lambda **c: concept_config(bd, R, router, joint_decoding, **c),
+                  flops=lambda c: linear_flops_per_token(c, R)["all"], target=linear_flops_per_token(base)["all"],
+                  max_loops=max_loops, max_width_factor=max_width_factor)
+    cands, ideal, step, note = STRATEGY_FUNCTIONS[strategy](m)
+    best_knob, best_cfg = min(cands, key=lambda kc: abs(m.flops(kc[1]) - m.target))
+    fc, target = m.flops(best_cfg), m.target
+    p_base, p_c = parameter_counts(base).n_total, parameter_counts(best_cfg).n_total
     return MatchResult(strategy=strategy, ratio=R, config=best_cfg, knob=best_knob, ideal=float(ideal),
                        flops_baseline=target, flops_concept=fc, flops_mismatch_pct=100 * (fc - target) / target,
                        flops_tolerance_pct=100 * 0.5 * step / target + 1e-9, params_baseline=p_base,
                        params_concept=p_c, params_mismatch_pct=100 * (p_c - p_base) / p_base, note=note,
                        candidates=[k for k, _ in cands])
-
-
-# ------------------------------------------------------------------------ reporting
-def _paper_stated(path: Path) -> dict[str, float]:
-    """``# paper_stated: total=60e9 activated=2.5e9`` comment lines of a YAML file."""
-    out: dict[str, float] = {}
-    for line in path.read_text().splitlines():
-        m = re.match(r"\s*#\s*paper_stated:\s*(.*)", line)
-        if m:
-            for k, v in re.findall(r"(\w+)=([0-9.eE+-]+)", m.group(1)):
-                out[k] = float(v)
-    return out
-
-
-def _h(n: float) -> str:
-    for unit, s in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= unit:
-            return f"{n / unit:.3g}{s}"
-    return f"{n:.3g}"
-
-
-def print_accounting(cfg_path: str, R: Optional[float] = None, match: Optional[str] = None,
-                     lengths: tuple[int, ...] = (4096, 32768), dtype_bytes: int = 2,
-                     check_meta: bool = True) -> dict:
-    """Print parameters (by part), activated FLOPs, attention FLOPs and KV cache of the
-    ConceptMoE config at ``cfg_path`` and of its baseline MoE; optionally a compute
-    match. Returns the numbers as a dict."""
-    from .bench.common import print_table
-
-    path = Path(cfg_path)
-    cfg = ModelConfig.from_yaml(path)
-    R = effective_ratio(cfg, R) if cfg.chunk.router != "none" else float(R or 2.0)
-    if cfg.chunk.router == "none":  # a baseline file: account a default ConceptMoE of it
-        cfg = _with_concept(cfg.to_dict(), R, "cosine", True)
-    base = baseline_of(cfg)
-    pb, pc = parameter_counts(base), parameter_counts(cfg)
-    print(f"{path}  (ConceptMoE at R={R:g}, router {cfg.chunk.router}; baseline = same layers, router none)")
-    rows = [[p, _h(pb.total[p]), _h(pb.activated[p]), _h(pc.total[p]), _h(pc.activated[p])] for p in PARTS]
-    rows.append(["TOTAL", _h(pb.n_total), _h(pb.n_activated), _h(pc.n_total), _h(pc.n_activated)])
-    rows.append(["non-embedding activated", "", _h(pb.n_activated_non_embedding), "",
-                 _h(pc.n_activated_non_embedding)])
-    print_table(["part", "base total", "base activated", "concept total", "concept activated"], rows)
-    result = {"config": str(path), "ratio": R, "baseline": {"total": pb.n_total, "activated": pb.n_activated},
-              "concept": {"total": pc.n_total, "activated": pc.n_activated}}
-    if check_meta:
-        built = built_parameter_counts(cfg)
-        ok = built == pc.total
-        print(f"meta-device build: {sum(built.values()):,} parameters "
-              f"({'equals' if ok else 'DIFFERS FROM'} the analytic count {pc.n_total:,})")
-        result["meta_device_total"] = sum(built.values())
-    stated = _paper_stated(path)
-    # ConceptMoE's activated params per token, FLOPs-equivalent: what a token costs in
-    # linear FLOPs / 2 (its concept model's share / R), plus the input embedding row.
-    fc_all = linear_flops_per_token(cfg, R)["all"]
-    equiv = fc_all / 2 + pc.activated["embedding"]
-    print(f"activated per token: baseline {_h(pb.n_activated)}; ConceptMoE {_h(equiv)} FLOPs-equivalent "
-          f"(linear FLOPs/2 + embedding; a concept itself activates {_h(pc.n_activated)})")
-    result["concept"]["activated_flops_equivalent"] = equiv
-    if stated:
-        mine = {"total": (pb.n_total, pc.n_total), "activated": (pb.n_activated, equiv)}
-        parts = [f"{k} {_h(v)} vs computed baseline {_h(mine[k][0])} / ConceptMoE {_h(mine[k][1])}"
-                 for k, v in stated.items() if k in mine]
-        print("paper states: " + "; ".join(parts))
-        result["paper_stated"] = stated
-    fb, fc = linear_flops_per_token(base), linear_flops_per_token(cfg, R)
-    print(f"activated linear FLOPs/token: baseline {_h(fb['all'])}, ConceptMoE {_h(fc['all'])} "
-          f"({100 * (fc['all'] / fb['all'] - 1):+.2f}%; concept model {_h(fc['concept_model'])} vs "
-          f"{_h(fb['concept_model'])} in the baseline's middle layers)")
-    rows = []
-    for L in lengths:
-        ab, ac = attention_map_flops(base, L), attention_map_flops(cfg, L, R)
-        kb, kc = kv_cache_bytes(base, L, dtype_bytes=dtype_bytes), kv_cache_bytes(cfg, L, R, dtype_bytes)
-        sp = predicted_speedups(base, cfg, L, R, dtype_bytes)
-        rows.append([L, _h(ab["all"]), _h(ac["all"]), f"{ab['all'] / ac['all']:.2f}x",
-                     f"{ab['concept_layers'] / max(ac['concept_layers'], 1):.2f}x", _h(kb["total"]), _h(kc["total"]),
-                     f"{sp['kv_total']:.2f}x", f"{sp['prefill']:.2f}x", f"{sp['decode']:.2f}x"])
-    print(f"per sequence, batch 1, KV in {dtype_bytes}-byte dtype:")
-    print_table(["length", "attn base", "attn concept", "attn ratio", "concept-layer attn ratio", "KV base",
-                 "KV concept", "KV ratio", "pred. prefill", "pred. decode"], rows)
-    if match:
-        res = match_compute(base, R, match, router=cfg.chunk.router)
-        print("compute match " + res.summary())
-        result["match"] = {"strategy": match, "knob": res.knob, "flops_mismatch_pct": res.flops_mismatch_pct,
-                           "params_mismatch_pct": res.params_mismatch_pct}
-    return result
-
-
-def _flops_cmd(args: argparse.Namespace) -> int:
-    print_accounting(args.config, args.ratio, args.match, tuple(args.lengths), args.dtype_bytes)
-    return 0
-
-
-def register(subparsers: "argparse._SubParsersAction") -> None:
-    """Add ``flops --config FILE --ratio R [--match topk|loops|width]``."""
-    p = subparsers.add_parser("flops", help="parameters, activated FLOPs, attention FLOPs and KV cache of a config")
-    p.add_argument("--config", required=True, help="model YAML (configs/model/*.yaml)")
-    p.add_argument("--ratio", type=float, default=None, help="compression ratio R (default: the config's target)")
-    p.add_argument("--match", choices=STRATEGIES, default=None,
-                   help="also propose a compute-matched concept model with this strategy")
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
-    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per KV element (2 = bf16)")
-    p.set_defaults(func=_flops_cmd)

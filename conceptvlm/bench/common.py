@@ -1,7 +1,6 @@
 """Timing and reporting helpers shared by the benchmarks."""
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -38,12 +37,11 @@ def _fmt(c: object) -> str:
     return str(c)
 
 
-def write_json(path: str | os.PathLike, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_info(), **payload}
-    path.write_text(json.dumps(payload, indent=2))
-    return path
+def write_result(path: str | os.PathLike, payload: dict) -> Path:
+    """A benchmark's JSON: ``payload`` with the machine it ran on (``eval.io.write_json``)."""
+    from ..eval.io import write_json
+
+    return write_json({"machine": machine_info(), **payload}, path)
 
 
 def machine_info() -> dict:

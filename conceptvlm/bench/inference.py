@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .common import print_table, write_json
+from .common import print_table, write_result
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (512, 1024)
@@ -166,12 +166,12 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
         for _ in range(repeats):
             for key, mdl in models.items():
                 runs[key].append(_time_model(mdl, ids, L, decode_steps, warm, period, CLOCKS[clock]))
-        med = {}  # fastest of the repeats: interference from other jobs only adds time
+        fastest = {}  # fastest of the repeats: interference from other jobs only adds time
         for key, rs in runs.items():
-            med[key] = {"prefill_s": min(r["prefill_s"] for r in rs),
+            fastest[key] = {"prefill_s": min(r["prefill_s"] for r in rs),
                         "decode_s_per_token": min(r["decode_s_per_token"] for r in rs), "kv_bytes": rs[0]["kv_bytes"]}
-        b = med[("baseline", 1.0)]
-        for (variant, R), r in med.items():
+        b = fastest[("baseline", 1.0)]
+        for (variant, R), r in fastest.items():
             if variant == "baseline":
                 continue
             cfg = configs[(variant, R)]
@@ -216,7 +216,7 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
                           "match": matches, "threads": torch.get_num_threads(), "clock": clock, "skipped_lengths": skipped},
                "results": results, "goals": goals, "table": table}
     if out:
-        path = write_json(out, payload)
+        path = write_result(out, payload)
         print(f"wrote {path}")
         plot = plot or str(path.with_suffix(".png"))
     if plot:

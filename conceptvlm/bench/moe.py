@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .common import print_table, time_call, write_json
+from .common import print_table, time_call, write_result
 
 
 def _free_port() -> int:
@@ -122,7 +122,7 @@ def run_moe_bench(tokens: int = 4096, d_model: int = 512, hidden: int = 1024, n_
     payload = {"config": dict(tokens=tokens, d_model=d_model, hidden=hidden, n_experts=n_experts, top_k=top_k),
                "results": results, "summary": summary}
     if out:
-        write_json(out, payload)
+        write_result(out, payload)
     return payload
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..dechunk import ema_scan
-from .common import print_table, write_json
+from .common import print_table, write_result
 
 
 def ema_loop(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def run_scan_bench(shapes: list[tuple[int, int, int]], repeats: int = 7, loop_re
                 [[r["B"], r["M"], r["D"], r["seconds"]["loop"] * 1e3, r["seconds"]["scan"] * 1e3,
                   r["seconds"]["clone"] * 1e3, r["loop_over_scan"], r["scan_over_clone"]] for r in rows])
     if out:
-        write_json(out, {"bench": "scan", "threads": threads, "repeats": repeats,
+        write_result(out, {"bench": "scan", "threads": threads, "repeats": repeats,
                          "goals": {"loop_over_scan_at_D64": ">= 10", "scan_over_clone_at_D512": "<= 3"},
                          "rows": rows})
     return rows

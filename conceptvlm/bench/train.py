@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .common import print_table, write_json
+from .common import print_table, write_result
 from .inference import BenchModel, _parse_length
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384)
@@ -191,7 +191,7 @@ def run_train_bench(configs: Sequence[str] = ("efficiency", "tiny"), lengths: Se
                           "steps": steps, "threads": torch.get_num_threads(), "matmul_flops_per_s": peak},
                "rows": rows, "goals": goals, "table": table}
     if out:
-        path = write_json(out, payload)
+        path = write_result(out, payload)
         print(f"wrote {path}")
         plot = plot or str(path.with_suffix(".png"))
     if plot:

@@ -114,7 +114,7 @@ def prepare_data(exp: dict, root: Path) -> dict:
 # ---------------------------------------------------------------------- compute matching
 def variant_overrides(base_model, variant: dict) -> tuple[list[str], dict]:
     """Model overrides of one variant and its FLOPs accounting (``flops`` dict)."""
-    from conceptvlm import flops as F
+    from conceptvlm import flops
 
     router = variant["router"]
     R = float(variant.get("R", 2.0))
@@ -125,13 +125,13 @@ def variant_overrides(base_model, variant: dict) -> tuple[list[str], dict]:
     if router != "none":
         ov.append(f"model.chunk.target_ratio_text={R}")
         if realloc in ("topk", "loops"):
-            match = F.match_compute(base_model, R, strategy=realloc, router=router,
+            match = flops.match_compute(base_model, R, strategy=realloc, router=router,
                                     joint_decoding=base_model.joint_decoding)
             knob = dict(match.knob)
     ov += [f"model.concept.{k}={v}" for k, v in knob.items()]
     ov += list(variant.get("overrides", []))
     acct = {"realloc": realloc, "knob": knob,
-            "flops_baseline_per_token": F.linear_flops_per_token(F.baseline_of(base_model))["all"]}
+            "flops_baseline_per_token": flops.linear_flops_per_token(flops.baseline_of(base_model))["all"]}
     if match is not None:
         acct.update(flops_mismatch_pct=match.flops_mismatch_pct, params_mismatch_pct=match.params_mismatch_pct)
     return ov, acct
@@ -257,7 +257,7 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     import torch
     from omegaconf import OmegaConf
 
-    from conceptvlm import flops as F
+    from conceptvlm import flops
     from conceptvlm.config import ModelConfig
     from conceptvlm.export import load_exported
     from conceptvlm.train import train
@@ -298,8 +298,8 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
                            "router": variant["router"], "R": float(variant.get("R", 2.0)) if variant["router"] != "none" else 1.0,
                            "steps": steps, "quick": quick, "command": command, "machine": machine(),
                            "git": exp.get("_git", _git_rev()), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data["info"],
-                           "params_total": F.parameter_counts(model_cfg).n_total,
-                           "params_activated": F.parameter_counts(model_cfg).n_activated, **acct}
+                           "params_total": flops.parameter_counts(model_cfg).n_total,
+                           "params_activated": flops.parameter_counts(model_cfg).n_activated, **acct}
     row["R_image"] = cfg.model.chunk.target_ratio_image if exp.get("kind", "text") == "vlm" else None
     row["tokens_per_step"] = cfg.data.seq_len * cfg.data.batch_size * cfg.optim.grad_accum
     if fingerprint:
@@ -337,8 +337,9 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
             pic = Path(exp.get("_results_dir", RESULTS_DIR)) / f"{exp['name']}_{variant['name']}_s{seed}_boundaries.png"
             row["boundary_picture"] = boundary_picture(model, tok, data["held"], pic, f"{variant['name']} seed {seed}")
         realised = row["held"]["ratio"].get("text", row["R"])
-    row["flops_per_token"] = F.linear_flops_per_token(model_cfg, row["R"] if variant["router"] != "none" else None)["all"]
-    row["flops_per_token_realised"] = (F.linear_flops_per_token(model_cfg, max(realised, 1.0))["all"]
+    row["flops_per_token"] = flops.linear_flops_per_token(
+        model_cfg, row["R"] if variant["router"] != "none" else None)["all"]
+    row["flops_per_token_realised"] = (flops.linear_flops_per_token(model_cfg, max(realised, 1.0))["all"]
                                        if variant["router"] not in ("none",) else row["flops_per_token"])
     row["train_wall_s"] = t_train
     row["wall_s"] = time.time() - t0

@@ -9,7 +9,7 @@ import torch
 from conceptvlm import ConceptMoE, ModelConfig
 from conceptvlm.flops import (PARTS, STRATEGIES, attention_map_flops, baseline_of, built_parameter_counts,
                               fixed_router_concepts, kv_cache_bytes, linear_flops_per_token, match_compute,
-                              parameter_counts, predicted_speedups, register)
+                              parameter_counts, predicted_speedups)
 from helpers import tiny_config
 
 VARIANTS = {
@@ -150,8 +150,12 @@ def test_paper_scale_configs_land_on_the_stated_totals(repo_root, name, total):
     assert abs(fc / fb - 1) < 0.02
 
 
-def test_cli_registration_and_inference_bench_smoke(tmp_path):
+def test_cli_registration_and_inference_bench_smoke(tmp_path, repo_root, capsys):
+    from conceptvlm.bench.flops import print_accounting, register
     from conceptvlm.bench.inference import BenchModel, register_bench, run_inference_bench
+
+    report = print_accounting(str(repo_root / "configs/model/tiny.yaml"), 2.0, "topk", lengths=(64,))
+    assert report["meta_device_total"] == report["concept"]["total"] and "compute match topk" in capsys.readouterr().out
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd")
