@@ -4,7 +4,7 @@ import pytest
 from conceptvlm.config import ConfigError
 from conceptvlm.train import main
 from conceptvlm.train_config import load_train_config
-from train_helpers import REPO, train_yaml, one_thread  # noqa: F401 (autouse fixture)
+from train_helpers import REPO, train_yaml
 
 
 @pytest.mark.parametrize("override, named", [

@@ -15,7 +15,7 @@ from conceptvlm.export import load_exported
 from conceptvlm.logging_utils import read_jsonl
 from conceptvlm.train import free_port, train
 from conceptvlm.train_config import load_train_config
-from train_helpers import REPO, text_shards, train_yaml, one_thread  # noqa: F401 (autouse fixture)
+from train_helpers import REPO, text_shards, train_yaml
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from conceptvlm.checkpoint import latest_tag
 from conceptvlm.logging_utils import read_jsonl
 from conceptvlm.train import NonFiniteLossError, train
 from conceptvlm.train_config import load_train_config
-from train_helpers import text_shards, train_yaml, one_thread  # noqa: F401 (autouse fixture)
+from train_helpers import text_shards, train_yaml
 
 
 @pytest.fixture(scope="module")

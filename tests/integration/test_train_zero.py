@@ -8,7 +8,7 @@ import torch
 from conceptvlm.export import load_exported
 from conceptvlm.train import train
 from conceptvlm.train_config import load_train_config
-from train_helpers import text_shards, train_yaml, one_thread  # noqa: F401 (autouse fixture)
+from train_helpers import text_shards, train_yaml
 
 
 @pytest.fixture(scope="module")

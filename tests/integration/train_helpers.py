@@ -4,8 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-import torch
 import yaml
 
 from conceptvlm.data.synthetic import write_synthetic_shards
@@ -39,13 +37,3 @@ def train_yaml(path: Path, shards: str, **sections: Any) -> Path:
     }
     path.write_text(yaml.safe_dump(_merge(cfg, sections)))
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")  # module scope: before module fixtures that train
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core machine OpenMP
-    barriers make a busy neighbour cost 10-50x; import this into each training test module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
