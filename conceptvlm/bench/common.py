@@ -5,7 +5,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 
 def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -42,6 +42,21 @@ def write_result(path: str | os.PathLike, payload: dict) -> Path:
     from ..eval.io import write_json
 
     return write_json({"machine": machine_info(), **payload}, path)
+
+
+def finish(payload: dict, out: Optional[str], plot: Optional[str], draw: Callable[[str], None]) -> dict:
+    """Print the goal lines of ``payload["goals"]``, write it as JSON to ``out`` and draw
+    its plot (``draw(path)``) to ``plot``, by default next to the JSON. Returns ``payload``."""
+    for line in payload["goals"]["lines"]:
+        print(line)
+    if out:
+        path = write_result(out, payload)
+        print(f"wrote {path}")
+        plot = plot or str(path.with_suffix(".png"))
+    if plot:
+        draw(plot)
+        print(f"wrote {plot}")
+    return payload
 
 
 def machine_info() -> dict:

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .common import print_table, write_result
+from .common import finish, print_table
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (512, 1024)
@@ -208,21 +208,11 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
           f"{r['kv_concept_reduction']:.2f}", f"{r['kv_total_reduction']:.2f}"] for r in results])
     if skipped:
         print(f"skipped lengths (time budget {budget_s}s): {skipped}")
-    goals = _goals(results)
-    for line in goals["lines"]:
-        print(line)
     payload = {"config": {"model": spec.__dict__, "lengths": lengths, "ratios": list(ratios),
                           "decode_steps": decode_steps, "warm_steps": warm, "repeats": repeats, "variants": list(variants),
                           "match": matches, "threads": torch.get_num_threads(), "clock": clock, "skipped_lengths": skipped},
-               "results": results, "goals": goals, "table": table}
-    if out:
-        path = write_result(out, payload)
-        print(f"wrote {path}")
-        plot = plot or str(path.with_suffix(".png"))
-    if plot:
-        plot_results(results, plot)
-        print(f"wrote {plot}")
-    return payload
+               "results": results, "goals": _goals(results), "table": table}
+    return finish(payload, out, plot, lambda path: plot_results(results, path))
 
 
 def _goals(results: list[dict]) -> dict:

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .common import print_table, write_result
+from .common import finish, print_table
 from .inference import BenchModel, _parse_length
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384)
@@ -184,20 +184,10 @@ def run_train_bench(configs: Sequence[str] = ("efficiency", "tiny"), lengths: Se
           f"{r['speedup']:.2f}", f"{r['predicted']:.2f}", f"{100 * r['vs_predicted']:.0f}%",
           f"{100 * r['mfu']['baseline']:.0f}%", f"{100 * r['mfu']['conceptmoe']:.0f}%",
           _mb(r["peak_step_bytes"]["baseline"]), _mb(r["peak_step_bytes"]["conceptmoe"])] for r in rows])
-    goals = train_goals(rows)
-    for line in goals["lines"]:
-        print(line)
     payload = {"config": {"configs": list(configs), "lengths": lengths, "ratio": ratio, "documents_per_row": n_docs,
                           "steps": steps, "threads": torch.get_num_threads(), "matmul_flops_per_s": peak},
-               "rows": rows, "goals": goals, "table": table}
-    if out:
-        path = write_result(out, payload)
-        print(f"wrote {path}")
-        plot = plot or str(path.with_suffix(".png"))
-    if plot:
-        plot_train(rows, plot)
-        print(f"wrote {plot}")
-    return payload
+               "rows": rows, "goals": train_goals(rows), "table": table}
+    return finish(payload, out, plot, lambda path: plot_train(rows, path))
 
 
 def _mb(n: Optional[int]) -> str:
