@@ -15,6 +15,7 @@ The load-balance and z losses are :func:`aux_losses`, the only place they are wr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -102,9 +103,9 @@ class GroupedExperts(nn.Module):
         return swiglu_experts(x_TD, self.w1_EDH, self.w3_EDH, self.w2_EHD, counts_E)
 
 
-@dataclass
-class Routing:
-    """What the router decided for ``N`` tokens."""
+class Routing(NamedTuple):
+    """What the router decided for ``N`` tokens (a tuple, so ZeRO-3's module hooks see
+    the tensors and keep the router's weight gathered for the backward pass)."""
 
     logits_NE: torch.Tensor  # float32 router logits
     probs_NE: torch.Tensor  # softmax over experts (the balance loss's P)
