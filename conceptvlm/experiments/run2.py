@@ -173,11 +173,11 @@ def evaluate_text(model, tok, shards: dict, window: int, limit: Optional[int] = 
 
 def compute_fields(model_cfg, router: str, R: float, realised: float, window: int) -> dict:
     """FLOPs per token (linear and attention map) at the realised ratio, and the ±5% rule."""
-    from conceptvlm import flops as F
+    from conceptvlm import flops
 
     ratio = None if router == "none" else max(realised, 1.0)
-    att = F.attention_map_flops(model_cfg, window, ratio)["all"] / window
-    return {"flops_linear_per_token": F.linear_flops_per_token(model_cfg, ratio)["all"],
+    att = flops.attention_map_flops(model_cfg, window, ratio)["all"] / window
+    return {"flops_linear_per_token": flops.linear_flops_per_token(model_cfg, ratio)["all"],
             "flops_attention_per_token": att,
             "ratio_target": R, "matched": router == "none" or ratio_matched(realised, R)}
 
