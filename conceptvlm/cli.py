@@ -1,6 +1,9 @@
 """The ``conceptvlm`` console script: thin commands over library functions.
 
 Each sub-command sets ``func(args) -> int``; everything it does is callable from Python.
+Expected failures (missing files, bad configs, unknown tasks, ...) are turned into one
+line and exit code 2 here, in one place (:mod:`conceptvlm.errors`); ``--debug``, anywhere
+on the command line, shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -38,6 +41,31 @@ def _register_bench(sub: "argparse._SubParsersAction") -> "argparse._SubParsersA
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and run the command; expected failures print one line and return 2."""
+    from .errors import EXIT_USAGE, one_line
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    if not debug:
+        from .quiet import quiet_library_warnings
+
+        quiet_library_warnings()
+    try:
+        return int(args.func(args) or 0)
+    except (Exception, SystemExit) as e:
+        if isinstance(e, SystemExit) or debug:
+            raise
+        message = one_line(e)
+        if message is None:  # a bug, not bad input: keep the traceback
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``conceptvlm`` command tree."""
     from . import __version__
     from . import demo, experiments
     from .bench import flops as flops_report
@@ -54,6 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="conceptvlm", description="ConceptVLM: vision-language MoE models whose language backbone runs on concepts")
     parser.add_argument("--version", action="version", version=f"conceptvlm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
     demo.register(sub)
     add_train_parser(sub)
@@ -68,8 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_bench.register_bench(bench_kinds)
     flops_report.register(sub)
     experiments.register(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return parser
 
 
 if __name__ == "__main__":

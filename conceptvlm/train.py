@@ -56,6 +56,9 @@ def init_distributed() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
+    from .quiet import prepare_deepspeed_comm
+
+    prepare_deepspeed_comm(int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
     if torch.cuda.is_available():
@@ -414,6 +417,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .quiet import quiet_library_warnings
+
+    quiet_library_warnings()
     parser = _configure_parser(argparse.ArgumentParser(prog="conceptvlm.train", description=__doc__.splitlines()[0]))
     return run(parser.parse_args(argv))
 

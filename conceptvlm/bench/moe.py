@@ -11,8 +11,6 @@ Rows, measured side by side in one process on the same input:
 """
 from __future__ import annotations
 
-import os
-import socket
 from typing import Optional
 
 import torch
@@ -20,25 +18,12 @@ import torch
 from .common import print_table, time_call, write_result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_single_process_dist() -> None:
-    """DeepSpeed's MoE needs process groups even on one rank (gloo on CPU)."""
-    import torch.distributed as dist
+    """DeepSpeed's MoE needs process groups even on one rank (gloo on CPU); the trainer's
+    set-up, which also skips compiling DeepSpeed's CPU collectives op for one process."""
+    from ..train import init_distributed
 
-    if dist.is_available() and dist.is_initialized():
-        return
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(_free_port())).items():
-        os.environ.setdefault(k, v)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
-                               verbose=False)
+    init_distributed()
 
 
 def run_moe_bench(tokens: int = 4096, d_model: int = 512, hidden: int = 1024, n_experts: int = 8,
