@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
+
+from .errors import UserError
 
 
 def _bench_moe(args: argparse.Namespace) -> int:
@@ -38,6 +41,66 @@ def _register_bench(sub: "argparse._SubParsersAction") -> "argparse._SubParsersA
     moe.add_argument("--out", default="runs/bench/moe.json")
     moe.set_defaults(func=_bench_moe)
     return kinds
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .ask import GenerationOptions, answer_file, generate_texts, read_requests
+    from .export import load_exported
+
+    opts = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             stop=tuple(args.stop), seed=args.seed)
+    if (args.prompt is None) == (args.input is None):
+        raise UserError("give either --prompt TEXT or --input FILE.jsonl", "see conceptvlm generate --help")
+    requests = read_requests(args.input) if args.input else None  # bad input fails before the model loads
+    model, tokenizer = load_exported(args.checkpoint)
+    if tokenizer is None:
+        from .data import load_tokenizer
+
+        tokenizer = load_tokenizer(None)
+    if requests is not None:
+        out = args.out or str(Path(args.input).with_suffix(".answers.jsonl"))
+        answer_file(model, tokenizer, requests, out, opts, batch_size=args.batch_size)
+        print(f"answered {len(requests)} request(s) -> {out}")
+        return 0
+    generate_texts(model, tokenizer, [args.prompt], [args.image], opts,
+                   on_text=lambda row, piece: print(piece, end="", flush=True))
+    print()
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .hf_export import export_hf
+
+    out = export_hf(args.checkpoint, args.hf, push_to_hub=args.push_to_hub, private=args.private)
+    print(f"wrote {out} (transformers layout: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"
+          + (f"; pushed to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""))
+    return 0
+
+
+def _register_use(sub: "argparse._SubParsersAction") -> None:
+    """``generate`` (ask the model) and ``export --hf`` (hand it to the hub ecosystem)."""
+    g = sub.add_parser("generate", help="answer a prompt about images with an exported model (streams the answer)")
+    g.add_argument("--checkpoint", required=True, help="exported model directory (a run's export/ or export --hf)")
+    g.add_argument("--image", action="append", default=[], help="image path or http(s) URL (repeat for several)")
+    g.add_argument("--prompt", default=None,
+                   help='prompt text, e.g. "Question: what colour is the shape? Answer:" (<image> marks where '
+                        "images go; default: before the text)")
+    g.add_argument("--input", default=None, help='jsonl of {"prompt": ..., "image": path|URL|[...]} rows, '
+                                                  "answered in batches (relative paths: against the file's folder)")
+    g.add_argument("--out", default=None, help="answers jsonl for --input (default: INPUT.answers.jsonl)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (row i of --input uses seed + i)")
+    g.set_defaults(func=_generate)
+    e = sub.add_parser("export", help="write an exported model in the transformers layout (hub, lmms-eval, lm_eval hf)")
+    e.add_argument("--hf", required=True, metavar="OUT", help="output directory")
+    e.add_argument("--checkpoint", required=True, help="exported model directory (a training run's export/)")
+    e.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this hub repo (needs a token)")
+    e.add_argument("--private", action="store_true", help="create the hub repo private")
+    e.set_defaults(func=_export)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -88,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_convert_parser(sub)
     bench_kinds = _register_bench(sub)
+    _register_use(sub)
     eval_cli.register(sub)
     eval_suites.register(sub)
     data_cli.register(sub)

@@ -3,7 +3,7 @@
 Library code raises ordinary exceptions (``FileNotFoundError``, ``ValueError``,
 :class:`~conceptvlm.config.ConfigError`, ...) or :class:`UserError` when it knows the fix.
 The console script catches them in one place (``cli.main``) and prints one line,
-``error: WHAT. FIX``, with exit code 2; ``conceptvlm --debug ...`` re-raises instead, so
+``error: WHAT; FIX``, with exit code 2; ``conceptvlm --debug ...`` re-raises instead, so
 the traceback is one flag away. Anything not listed in :func:`one_line` is a bug and
 keeps its traceback.
 """
@@ -25,7 +25,7 @@ class UserError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        return f"{self.message}. {self.hint}" if self.hint else self.message
+        return f"{self.message}; {self.hint}" if self.hint else self.message
 
 
 def _expected_types() -> tuple[type, ...]:

@@ -92,16 +92,19 @@ def export_model(model: torch.nn.Module, cfg: VLMConfig, out_dir: str | Path, to
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
-    """``(model, tokenizer)`` from an exported directory; the model is in eval mode.
-    The tokenizer is None when the directory holds none."""
+    """``(model, tokenizer)`` from an exported directory (this module's layout or the
+    transformers one of ``export --hf``); the model is in eval mode. The tokenizer is None
+    when the directory holds none."""
     from safetensors.torch import load_file
 
     from .data import load_tokenizer
+    from .hf_export import read_model_dir
 
     path = Path(path)
-    cfg = vlm_config_from_dict(yaml.safe_load((path / CONFIG).read_text()))
+    cfg_dict, prefix = read_model_dir(path)
+    cfg = vlm_config_from_dict(cfg_dict)
     model = ConceptVLM(cfg)
-    state = load_file(str(path / WEIGHTS))
+    state = {k[len(prefix):]: v for k, v in load_file(str(path / WEIGHTS)).items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("patch_order")]
     if missing or unexpected:

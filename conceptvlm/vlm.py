@@ -73,11 +73,28 @@ class ConceptVLM(nn.Module):
             self.image_processor = ImageProcessor.from_tower(self.tower)
             self.tokens_per_image = self.projector.tokens_per_image
             self.image_grid = tuple(self.projector.output_grid)
-        rows, cols = self.image_grid
-        order = torch.argsort(hilbert_index(rows, cols)) if config.image_order == "hilbert" and rows else None
         # Raster index of the patch placed at each sequence slot of an image block.
-        self.register_buffer("patch_order", order if order is not None else torch.arange(rows * cols),
-                             persistent=False)
+        self.register_buffer("patch_order", self.default_patch_order(), persistent=False)
+
+    def default_patch_order(self) -> torch.Tensor:
+        """The ``patch_order`` buffer's value (derived from the config, so never saved)."""
+        rows, cols = self.image_grid
+        if self.config.image_order == "hilbert" and rows:
+            return torch.argsort(hilbert_index(rows, cols))
+        return torch.arange(rows * cols)
+
+    def generate(self, tokenizer: Any, prompts: str | list[str], images: Optional[list] = None,
+                 **options: Any) -> str | list[str]:
+        """Answer a prompt (or a list of prompts, batched) about images: ``images`` is a list of
+        paths / URLs / PIL images for one prompt, or one such list per prompt. ``options``:
+        ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``stop``, ``seed``
+        (:class:`conceptvlm.ask.GenerationOptions`). The same loop as ``conceptvlm generate``."""
+        from .ask import GenerationOptions, generate_texts
+
+        single = isinstance(prompts, str)
+        answers = generate_texts(self, tokenizer, [prompts] if single else prompts,
+                                 [images] if single else images, GenerationOptions(**options))
+        return answers[0] if single else answers
 
     def modality(self, input_ids: torch.Tensor) -> torch.Tensor:
         c = self.config

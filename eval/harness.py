@@ -123,9 +123,11 @@ def run_harness(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
     ``out_path`` if given.
     """
     import lm_eval
+    import lm_eval.tasks._factory
     from lm_eval.tasks import TaskManager
 
     from .io import write_json
+    from .task_paths import relative_to_yaml
 
     register()
     if include_path is not None and not isinstance(include_path, (str, Path)):
@@ -133,12 +135,16 @@ def run_harness(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
     elif include_path is not None:
         include_path = str(include_path)
     task_manager = TaskManager(include_path=include_path)
+    missing = [t for t in tasks if t not in task_manager.all_tasks]
+    if missing:
+        raise unknown_tasks_error(missing, "lm-eval", include_path)
     model_args = {"model": model, "tokenizer": tokenizer, "max_length": max_length,
                   "stride": stride, "max_gen_toks": max_gen_toks}
-    results = lm_eval.simple_evaluate(
-        model=MODEL_NAME, model_args=model_args, tasks=list(tasks), num_fewshot=num_fewshot,
-        batch_size=batch_size, limit=limit, task_manager=task_manager,
-        log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+    with relative_to_yaml(lm_eval.tasks._factory, "load_yaml"):
+        results = lm_eval.simple_evaluate(
+            model=MODEL_NAME, model_args=model_args, tasks=list(tasks), num_fewshot=num_fewshot,
+            batch_size=batch_size, limit=limit, task_manager=task_manager,
+            log_samples=log_samples, bootstrap_iters=bootstrap_iters)
     if results is None:  # not rank 0
         return {}
     config = results.get("config", {})
@@ -147,3 +153,24 @@ def run_harness(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
     if out_path is not None:
         write_json(results, out_path)
     return results
+
+
+def unknown_tasks_error(missing: Sequence[str], harness: str, include_path: Any) -> "UserError":
+    """The one-line error for task names a harness does not know."""
+    from conceptvlm.errors import UserError
+
+    where = (f"check the names and the task YAMLs in {include_path}" if include_path
+             else "check the names; a local task needs --include-path FOLDER (its YAML's folder)")
+    return UserError(f"unknown {harness} task(s): {', '.join(missing)}", where)
+
+
+def results_table(results: dict, make_table: Any = None) -> str:
+    """The harness's own results table (and the groups table when there are groups);
+    ``make_table``: the harness's function (default lm-eval's)."""
+    if make_table is None:
+        from lm_eval.utils import make_table
+
+    table = make_table(results)
+    if results.get("groups"):
+        table += "\n" + make_table(results, "groups")
+    return table

@@ -2,8 +2,10 @@
 
 Suites: ``text`` (perplexity, bits-per-byte), ``longctx`` (passkey / needle retrieval
 per length and depth, with a heatmap), ``vqa`` (official VQAv2 accuracy),
-``grounding`` (Acc@0.5 IoU) and ``harness`` (lm-evaluation-harness tasks). Each writes
-one JSON (per-item results and a summary); :func:`evaluate` is the same from Python.
+``grounding`` (Acc@0.5 IoU), ``harness`` (lm-evaluation-harness tasks) and ``lmms``
+(lmms-eval tasks, images included). Each writes one JSON (per-item results and a summary,
+or the harness's own results); the two harnesses also print their own results table.
+:func:`evaluate` is the same from Python.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from typing import Any, Optional
 
 import torch
 
-SUITES = ("text", "longctx", "vqa", "grounding", "harness")
+from conceptvlm.errors import UserError
+
+SUITES = ("text", "longctx", "vqa", "grounding", "harness", "lmms")
+HARNESSES = ("harness", "lmms")
 
 
 def _is_shard_spec(spec) -> bool:
@@ -38,6 +43,8 @@ def evaluate(suite: str, model: torch.nn.Module, tokenizer: Any, *, data: Option
     model.eval()
     if suite in ("text", "vqa", "grounding") and not data:
         raise ValueError(f"suite {suite!r} needs --data (a text/jsonl file or shards)")
+    if suite in HARNESSES and not tasks:
+        raise ValueError(f"suite {suite!r} needs --tasks")
     if suite == "text":
         from .datasets import texts_from_shards
         from .text import perplexity, read_corpus
@@ -71,13 +78,19 @@ def evaluate(suite: str, model: torch.nn.Module, tokenizer: Any, *, data: Option
 
             result = run_grounding(model, tokenizer, grounding_samples_from_shards(data, processor, limit),
                                    image_tokens_per_image=n, batch_size=batch_size, generate_fn=cached_generate)
-    else:  # harness
+    elif suite == "harness":
         from .harness import run_harness
 
-        if not tasks:
-            raise ValueError("suite 'harness' needs --tasks")
         result = run_harness(model, tokenizer, list(tasks), include_path=include_path, limit=limit,
                              batch_size=batch_size, max_length=max_length)
+    else:  # lmms
+        try:
+            from .lmms import run_lmms
+        except ImportError as e:
+            raise UserError(f"lmms-eval is not installed ({e})", "pip install 'conceptvlm[lmms]'") from None
+
+        result = run_lmms(model, tokenizer, list(tasks), include_path=include_path, limit=limit,
+                          batch_size=batch_size)
     if out_path is not None:
         write_json(result, out_path)
     return result
@@ -96,8 +109,15 @@ def _run(args: argparse.Namespace) -> int:
                       max_length=args.max_length, out_path=out, lengths=tuple(args.lengths),
                       depths=tuple(args.depths), task=args.task, samples=args.samples, tasks=tuple(args.tasks),
                       include_path=args.include_path)
-    summary = result.get("summary", {k: v for k, v in result.items() if k != "samples"})
-    print(json.dumps(summary, indent=2, default=str)[:4000])
+    if args.suite in HARNESSES:
+        from .harness import results_table
+
+        make_table = None
+        if args.suite == "lmms":
+            from lmms_eval.utils import make_table
+        print(results_table(result, make_table))
+    else:
+        print(json.dumps(result.get("summary", result), indent=2, default=str)[:4000])
     print(f"wrote {out}")
     return 0
 
@@ -115,8 +135,9 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="longctx prompt lengths")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="longctx needle depths")
     p.add_argument("--samples", type=int, default=1, help="longctx prompts per (length, depth)")
-    p.add_argument("--tasks", nargs="+", default=[], help="lm-eval task names (harness)")
-    p.add_argument("--include-path", default=None, help="folder of local lm-eval task yamls (harness)")
+    p.add_argument("--tasks", nargs="+", default=[], help="task names (harness: lm-eval, lmms: lmms-eval)")
+    p.add_argument("--include-path", default=None,
+                   help="folder of local task YAMLs (harness, lmms); their relative data paths resolve against it")
     p.add_argument("--out", default=None, help="result JSON (default: CHECKPOINT/eval/SUITE.json)")
     p.set_defaults(func=_run)
     return p
