@@ -18,6 +18,8 @@ from .errors import UserError
 def _bench_moe(args: argparse.Namespace) -> int:
     from .bench.moe import run_model_step_bench, run_moe_bench
 
+    if args.model_config and not Path(args.model_config).is_file():
+        raise UserError(f"model config not found: {args.model_config}", "pass --model-config FILE, or '' to skip")
     run_moe_bench(tokens=args.tokens, d_model=args.d_model, hidden=args.hidden, n_experts=args.experts,
                   top_k=args.top_k, repeats=args.repeats, with_deepspeed=not args.no_deepspeed, out=args.out)
     if args.model_config:

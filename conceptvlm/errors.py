@@ -46,7 +46,9 @@ def one_line(exc: BaseException) -> Optional[str]:
     """The one-line message for an expected failure, or None for a bug (keep the traceback)."""
     if not isinstance(exc, _expected_types()):
         return None
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename is not None:
+        text = f"{exc.filename} is in the way: a folder is needed there"
+    elif isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = f"{exc.strerror}: {exc.filename}"
     elif isinstance(exc, KeyError) and exc.args:
         text = str(exc.args[0])

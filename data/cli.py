@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .from_folder import write_folder_shards
 from .samples import KINDS
@@ -27,6 +28,9 @@ def _from_folder(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(2, "text file not found", missing[0])
     tok = train_bpe_tokenizer(args.files, args.vocab_size, args.out, min_frequency=args.min_frequency)
     print(f"trained byte-level BPE with {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
     return 0

@@ -20,6 +20,9 @@ def read_json(path: Union[str, os.PathLike]) -> Any:
     """Read a JSON file, or a JSON-lines file (``.jsonl``) as a list."""
     path = Path(path)
     with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in f if line.strip()]
-        return json.load(f)
+        try:
+            if path.suffix == ".jsonl":
+                return [json.loads(line) for line in f if line.strip()]
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None

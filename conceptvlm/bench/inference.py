@@ -60,8 +60,11 @@ def _period(R: float) -> int:
 
 
 def _parse_length(s: str) -> int:
-    s = s.strip().lower()
-    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+    t = s.strip().lower()
+    try:
+        return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except ValueError:
+        raise ValueError(f"--lengths: {s!r} is not a length (e.g. 4096 or 4k)") from None
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

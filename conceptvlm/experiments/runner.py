@@ -30,7 +30,13 @@ EXPERIMENTS_DIR = REPO / "configs" / "experiments"
 
 def experiment_path(name: str) -> Path:
     p = Path(name)
-    return p if p.suffix in (".yaml", ".yml") and p.is_file() else EXPERIMENTS_DIR / f"{name}.yaml"
+    path = p if p.suffix in (".yaml", ".yml") and p.is_file() else EXPERIMENTS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        from ..errors import UserError
+
+        known = sorted(q.stem for q in EXPERIMENTS_DIR.glob("*.yaml"))
+        raise UserError(f"unknown experiment {name!r}", f"expected one of {', '.join(known)} or a YAML path")
+    return path
 
 
 def load_experiment(name: str, quick: bool = False) -> dict:
