@@ -119,11 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         quiet_library_warnings()
     try:
         return int(args.func(args) or 0)
-    except (Exception, SystemExit) as e:
-        if isinstance(e, SystemExit) or debug:
-            raise
-        message = one_line(e)
-        if message is None:  # a bug, not bad input: keep the traceback
+    except Exception as e:
+        message = None if debug else one_line(e)
+        if message is None:  # --debug, or a bug rather than bad input: keep the traceback
             raise
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
