@@ -27,6 +27,7 @@ CASES = [
     ("bench moe --model-config {tmp}/missing.yaml", "model config not found"),
     ("bench data --kind nonsense --num 2", "unknown kind"),
     ("bench inference --lengths abc", "'abc' is not a length"),
+    ("bench train --lengths abc", "'abc' is not a length"),
     ("experiment run no_such_experiment", "unknown experiment"),
     ("experiment rescore no_such_experiment", "unknown experiment"),
     ("experiment report --results {tmp}/missing", "results folder not found"),
@@ -85,3 +86,10 @@ def test_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(flops, "print_accounting", broken)
     with pytest.raises(ZeroDivisionError):
         main(["flops", "--config", "configs/model/tiny.yaml"])
+
+
+def test_bad_arguments_exit_2_through_argparse(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "scan", "--shapes", "4x4096"])
+    assert e.value.code == 2
+    assert "shape must look like" in capsys.readouterr().err
