@@ -50,6 +50,8 @@ def test_longctx_suite_reports_accuracy_heatmap_and_ratio(exported):
     assert out.with_suffix(".png").exists()
 
 
-def test_text_suite_needs_data(exported):
-    with pytest.raises(ValueError, match="needs --data"):
-        main(["eval", "text", "--checkpoint", str(exported / "model")])
+def test_text_suite_needs_data(exported, capsys):
+    assert main(["eval", "text", "--checkpoint", str(exported / "model")]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs --data"):  # --debug keeps the exception
+        main(["--debug", "eval", "text", "--checkpoint", str(exported / "model")])
