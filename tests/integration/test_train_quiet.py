@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from train_helpers import REPO, one_thread, text_shards, train_yaml  # noqa: F401
+from train_helpers import REPO, text_shards, train_yaml
 
 
 @pytest.mark.slow

@@ -79,7 +79,7 @@ def test_debug_shows_the_traceback(bad_inputs):
 
 
 def test_bugs_keep_their_traceback(monkeypatch):
-    import conceptvlm.flops as flops
+    import conceptvlm.bench.flops as flops
 
     def broken(*a, **k):
         raise ZeroDivisionError("a bug")
