@@ -186,7 +186,7 @@ def test_cell_loglikelihoods_match_one_forward_per_candidate():
     from conceptvlm.data.grounding_cells import all_cell_answers
     from conceptvlm.data.templates import Text, encode_parts, vqa_prompt
     from conceptvlm.experiments.grounding import cell_loglikelihoods
-    from tests.helpers import ByteTokenizer, tiny_vlm
+    from helpers import ByteTokenizer, tiny_vlm
 
     torch.manual_seed(0)
     model, tok = tiny_vlm(), ByteTokenizer()
