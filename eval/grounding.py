@@ -53,10 +53,40 @@ def box_iou_accuracy(pred_boxes: Sequence[Optional[Box]], gt_boxes: Sequence[Box
 
 # ----------------------------------------------------------------------------- readers
 
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles builtin containers and scalars only (what ``refs(unc).p`` holds).
+
+    A pickle names every class or function it rebuilds through ``find_class``; refusing
+    all of them (and persistent ids, which the base class already refuses) means no code
+    from the file can run: only dicts, lists, tuples, sets, strings, bytes, numbers,
+    booleans and None come out.
+    """
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle's hook
+        raise pickle.UnpicklingError(f"it references {module}.{name}; only plain data is allowed")
+
+
+def load_plain_pickle(path: Union[str, Path]) -> object:
+    """A pickle of plain data (no classes, no functions), or ``ValueError`` naming the file.
+
+    ``encoding="latin1"``: the RefCOCO files were written by Python 2, whose ``str`` is bytes.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return _DataOnlyUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, MemoryError, OverflowError) as exc:
+        raise ValueError(f"{path}: refused to unpickle ({exc}); convert it to refs.json "
+                         "if it comes from elsewhere") from None
+
+
 def _load_refs(path: Path) -> list[dict]:
     if path.suffix in (".p", ".pkl", ".pickle"):
-        with open(path, "rb") as f:
-            return pickle.load(f)
+        data = load_plain_pickle(path)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a list of refs, got {type(data).__name__}")
+        return data
     data = read_json(path)
     return data["refs"] if isinstance(data, dict) else data
 
