@@ -18,7 +18,6 @@ See ``docs/data.md`` for the exact guarantee.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -26,9 +25,10 @@ import torch
 import webdataset as wds
 
 from .counters import BadSample, DataCounters
+from .decode import DEFAULT_MAX_PIXELS, ImageError
 from .images import ImageTransform, default_image_transform, output_shape
 from .packing import Doc, PackConfig, Packer
-from .samples import KINDS, document_parser
+from .samples import KINDS, ImageOptions, document_parser
 from .shards import ReaderInfo, ShardSpec, current_reader, expand_shards, rng_for, shards_for_epoch
 from .tario import iter_shard
 from .templates import encode_parts
@@ -66,6 +66,9 @@ class DataConfig:
     epochs: Optional[int] = None  # per reader; None = endless
     max_image_tokens_per_row: Optional[int] = None
     long_docs: str = "split"  # "split" | "drop"
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # checked from the image header, before decoding
+    pipe_timeout: float = 300.0  # seconds a pipe: shard may send nothing before it is abandoned
+    max_idle_shards: Optional[int] = None  # shard reads without a usable sample before giving up; None: 4 x shards + 16
     num_workers: int = 0
     rank: Optional[int] = None  # None: from torch.distributed or RANK/WORLD_SIZE
     world_size: Optional[int] = None
@@ -79,6 +82,37 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"DataConfig.epochs must be >= 1 or None (endless), got {self.epochs}")
+        if self.max_image_pixels < 1 or not self.pipe_timeout > 0:
+            raise ValueError("DataConfig.max_image_pixels and pipe_timeout must be > 0")
+        if self.max_idle_shards is not None and self.max_idle_shards < 1:
+            raise ValueError(f"DataConfig.max_idle_shards must be >= 1 or None, got {self.max_idle_shards}")
+
+
+class NoDataError(RuntimeError):
+    """Every shard read for a long while gave no usable sample: the loader would spin forever."""
+
+
+class _Liveness:
+    """Counts shard reads since the last usable sample; too many is a ``NoDataError``.
+
+    Why: an unreadable or all-bad dataset otherwise makes an endless loader re-read the
+    same shards forever, printing warnings, while training waits for a first batch.
+    """
+
+    def __init__(self, limit: int, sources: Sequence["Source"], counters: DataCounters) -> None:
+        self.limit, self.sources, self.counters = limit, sources, counters
+        self.idle = 0
+
+    def shard_started(self) -> None:
+        self.idle += 1
+        if self.idle > self.limit:
+            specs = "; ".join(f"{s.kind}: {s.spec}" for s in self.sources)
+            skipped = {k: v for k, v in self.counters.as_dict().items() if k.startswith("skipped/")}
+            raise NoDataError(f"no usable sample in {self.limit} shard reads from sources [{specs}]; "
+                              f"skipped so far: {skipped or 'nothing (empty shards)'}")
+
+    def alive(self) -> None:
+        self.idle = 0
 
 
 class PackedDataset(torch.utils.data.IterableDataset):
@@ -95,6 +129,9 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.image_transform = image_transform or default_image_transform(cfg.image_size)
+        self.image_options = ImageOptions.for_transform(self.image_transform, cfg.max_image_pixels)
+        n_shards = sum(len(u) for u in self.urls)
+        self.max_idle_shards = cfg.max_idle_shards or 4 * n_shards + 16
         self.pack_cfg = PackConfig(
             seq_len=cfg.seq_len, batch_size=cfg.batch_size, pad_id=tokenizer.pad_id,
             image_start_id=tokenizer.image_start_id, image_end_id=tokenizer.image_end_id,
@@ -108,10 +145,17 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.worker_offset = 0
 
     # -- raw samples: a pure function of (seed, epoch, reader) --------------------------
-    def _source_stream(self, s: int, reader: ReaderInfo, epoch: int, counters: DataCounters) -> Iterator[dict]:
+    def _shard_samples(self, shards: list[str], counters: DataCounters, live: Optional[_Liveness]) -> Iterator[dict]:
+        for url in shards:
+            if live is not None:
+                live.shard_started()
+            yield from iter_shard(url, counters, timeout=self.cfg.pipe_timeout)
+
+    def _source_stream(self, s: int, reader: ReaderInfo, epoch: int, counters: DataCounters,
+                       live: Optional[_Liveness] = None) -> Iterator[dict]:
         cfg = self.cfg
         shards = shards_for_epoch(self.urls[s], reader, cfg.seed, epoch, cfg.resample, cfg.shards_per_epoch)
-        samples = itertools.chain.from_iterable(iter_shard(u, counters) for u in shards)
+        samples = self._shard_samples(shards, counters, live)
         if cfg.shuffle_buffer > 1:
             rng = rng_for("buffer", cfg.seed, epoch, reader.rank, reader.worker, s)
             samples = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_initial, rng=rng)(samples)
@@ -119,51 +163,67 @@ class PackedDataset(torch.utils.data.IterableDataset):
             raw["__source__"] = s
             yield raw
 
-    def raw_stream(self, reader: ReaderInfo, epoch: int, counters: DataCounters) -> Iterator[dict]:
+    def raw_stream(self, reader: ReaderInfo, epoch: int, counters: DataCounters,
+                   live: Optional[_Liveness] = None) -> Iterator[dict]:
         """One epoch of raw samples for one reader: sources mixed by weight.
 
         Without resampling the epoch lasts until every source is exhausted; with it, until
-        the first is (so the mix keeps its weights all through the epoch).
+        the first source that gave samples is (so the mix keeps its weights all through the
+        epoch). A source that gives nothing at all this epoch (every shard unreadable) just
+        leaves the mix: it must not cut the live sources' epoch short.
         """
-        streams = {s: self._source_stream(s, reader, epoch, counters) for s in range(len(self.sources))}
+        streams = {s: self._source_stream(s, reader, epoch, counters, live) for s in range(len(self.sources))}
         if len(streams) == 1:
             yield from streams[0]
             return
         rng = rng_for("mix", self.cfg.seed, epoch, reader.rank, reader.worker)
+        gave: set[int] = set()
         while streams:
-            live = sorted(streams)
-            s = rng.choices(live, weights=[self.sources[i].weight for i in live])[0]
+            names = sorted(streams)
+            s = rng.choices(names, weights=[self.sources[i].weight for i in names])[0]
             try:
-                yield next(streams[s])
+                raw = next(streams[s])
             except StopIteration:
-                if self.cfg.resample:
+                if self.cfg.resample and s in gave:
                     return
                 del streams[s]
+                continue
+            gave.add(s)
+            yield raw
 
     # -- documents ----------------------------------------------------------------------
     def _document(self, raw: dict, epoch: int, index: int, counters: DataCounters) -> Optional[Doc]:
         source = self.sources[raw["__source__"]]
         try:
-            parts, pil_images = document_parser(source.kind, source.caption_prompt)(raw)
+            parts, pil_images = document_parser(source.kind, source.caption_prompt, self.image_options)(raw)
             try:
                 images = [self.image_transform(im) for im in pil_images]
-            except Exception as exc:  # the tower's processor rejecting an odd image
+            except ImageError as err:  # the tower's processor rejecting an odd image
+                raise BadSample(err.kind, str(err)) from err
+            except Exception as exc:
                 raise BadSample("transform_error", repr(exc)) from exc
+            ids, labels = encode_parts(parts, self.tokenizer, self.cfg.image_tokens_per_image)
         except BadSample as bad:
             counters.skip(bad.reason, raw["__url__"], raw["__key__"], str(bad))
             return None
-        ids, labels = encode_parts(parts, self.tokenizer, self.cfg.image_tokens_per_image)
+        except Exception as exc:  # a gap in the validation: still never stop the run (tests assert none)
+            counters.skip("unexpected_error", raw["__url__"], raw["__key__"], repr(exc))
+            return None
         return Doc(ids, labels, images, epoch, index)
 
     def documents(self, reader: ReaderInfo, start: tuple[int, int, int], counters: DataCounters) -> Iterator[Doc]:
         """Documents from position ``start`` on; skipped raw samples are only read, not decoded."""
         epoch = start[0]
+        live = _Liveness(self.max_idle_shards, self.sources, counters)
         while self.cfg.epochs is None or epoch < self.cfg.epochs:
             first = start[1] if epoch == start[0] else 0
-            raws = itertools.islice(self.raw_stream(reader, epoch, counters), first, None)
-            for index, raw in enumerate(raws, start=first):
+            for index, raw in enumerate(self.raw_stream(reader, epoch, counters, live)):
+                if index < first:  # resume: already consumed, only read
+                    live.alive()
+                    continue
                 doc = self._document(raw, epoch, index, counters)
                 if doc is not None:
+                    live.alive()
                     yield doc
             epoch += 1
 

@@ -2,11 +2,17 @@
 
 webdataset's ``tarfile_samples`` reports a damaged member without its key and then keeps
 the partial sample; here a truncated member drops exactly the sample it belongs to, and
-the warning names shard and key. Opening (local files, ``pipe:``, URLs) and the
-``KEY.ext`` split are webdataset's own (``gopen``, ``base_plus_ext``).
+the warning names shard and key. Opening (local files, URLs) and the ``KEY.ext`` split
+are webdataset's own (``gopen``, ``base_plus_ext``); ``pipe:`` commands run here, with
+an idle timeout (webdataset's pipe waits for ever on a command that hangs).
 """
 from __future__ import annotations
 
+import io
+import os
+import select
+import signal
+import subprocess
 import tarfile
 from typing import Any, Iterator
 
@@ -18,11 +24,66 @@ from .counters import BAD_FIELD, TRUNCATED, UNREADABLE_SHARD, DataCounters
 RawSample = dict[str, Any]
 
 
-def iter_shard(url: str, counters: DataCounters) -> Iterator[RawSample]:
+class TimedPipe(io.RawIOBase):
+    """The stdout of ``pipe:CMD`` with an idle timeout.
+
+    If no byte arrives for ``timeout`` seconds the command (its whole process group) is
+    killed and the read raises ``TimeoutError``. Closing early stops the command too;
+    closing after a command that failed raises ``OSError`` with its exit status.
+    """
+
+    def __init__(self, command: str, timeout: float) -> None:
+        super().__init__()
+        self.command, self.timeout = command, timeout
+        # shell=True: a pipe: spec is a shell command by design (webdataset's convention).
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        self.killed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        fd = self.proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], self.timeout)
+        if not ready:
+            self._kill()
+            raise TimeoutError(f"pipe command sent nothing for {self.timeout:g} s: {self.command}")
+        data = os.read(fd, len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _kill(self) -> None:
+        if self.proc.poll() is None:
+            self.killed = True
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        self.proc.stdout.close()
+        self._kill()  # still running: we stopped reading (damage, timeout, early end)
+        status = self.proc.wait()
+        if status not in (0, 141, -signal.SIGPIPE) and not self.killed:
+            raise OSError(f"pipe command exited with status {status}: {self.command}")
+
+
+def open_shard(url: str, timeout: float = 300.0):
+    """A readable binary stream for a shard URL; ``pipe:`` commands get ``timeout``."""
+    if url.startswith("pipe:"):
+        return io.BufferedReader(TimedPipe(url[len("pipe:"):], timeout), 1 << 16)
+    return gopen(url)
+
+
+def iter_shard(url: str, counters: DataCounters, timeout: float = 300.0) -> Iterator[RawSample]:
     """Yield the samples of one shard (members grouped by key, consecutive as in
-    webdataset). Damage ends the shard; everything complete before it is kept."""
+    webdataset). Damage ends the shard; everything complete before it is kept.
+    ``timeout``: seconds a ``pipe:`` command may send nothing before it is abandoned."""
     try:
-        stream = gopen(url)
+        stream = open_shard(url, timeout)
     except Exception as exc:  # a vanished file, a failing pipe: count it, go on
         counters.skip(UNREADABLE_SHARD, url, "-", repr(exc))
         return
