@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
-from .from_folder import write_folder_shards
+from .from_folder import ANNOTATION_FIELDS, write_folder_shards
 from .samples import KINDS
 from .synthetic import write_synthetic_shards
 from .tokenizer import train_bpe_tokenizer
@@ -22,8 +23,14 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def _from_folder(args: argparse.Namespace) -> int:
-    paths = write_folder_shards(args.images, args.annotations, args.out, shard_size=args.shard_size, prefix=args.prefix)
+    skipped: Counter = Counter()
+    paths = write_folder_shards(args.images, args.annotations, args.out, shard_size=args.shard_size,
+                                prefix=args.prefix, strict=args.strict, follow_symlinks=args.follow_symlinks,
+                                counts=skipped)
     print(f"wrote {len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
+    if skipped:
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+        print(f"skipped {sum(skipped.values())} row(s): {detail} (--strict makes these errors)")
     return 0
 
 
@@ -49,12 +56,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--start-index", type=int, default=0, help="first sample index (held-out splits)")
     p.set_defaults(func=_synthetic)
 
-    p = shards.add_parser("from-folder", help="image folder + captions/QA jsonl or csv")
+    p = shards.add_parser(
+        "from-folder", help="image folder + captions/QA jsonl or csv, or same-name .txt captions",
+        description="Write webdataset shards from an image folder. Annotation fields: " + ANNOTATION_FIELDS
+        + "; other fields are kept in KEY.json. Without --annotations, each image with a same-name .txt "
+        "next to it is a caption sample. Rows naming files outside --images, symlinks (unless "
+        "--follow-symlinks) or files that are not images are skipped and counted (errors with --strict).")
     p.add_argument("--images", required=True, help="image folder")
-    p.add_argument("--annotations", required=True, help=".jsonl or .csv with an 'image' column")
+    p.add_argument("--annotations", help=".jsonl or .csv; fields: " + ANNOTATION_FIELDS
+                   + " (default: same-name .txt captions next to each image)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--prefix", default="shard", help="shard file name prefix")
+    p.add_argument("--prefix", default="shard", help="shard file name prefix (a plain name, no '/')")
+    p.add_argument("--strict", action="store_true", help="fail on the first unusable row instead of skipping it")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="follow symlinks in --images and in row paths (wherever they point)")
     p.set_defaults(func=_from_folder)
 
     tok = subparsers.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_cmd", required=True)

@@ -77,8 +77,8 @@ def test_from_folder_jsonl_and_csv(tmp_path):
     assert _docs([Source(qa, "vqa")]) == sorted(f"Question: what is {i}? Answer: {i}" for i in range(3))
     with open(tmp_path / "bad.jsonl", "w") as f:
         f.write(json.dumps({"image": "missing.png", "caption": "x"}) + "\n")
-    with pytest.raises(FileNotFoundError, match="bad.jsonl:1"):
-        write_folder_shards(tmp_path / "imgs", tmp_path / "bad.jsonl", tmp_path / "out2")
+    with pytest.raises(ValueError, match="bad.jsonl:1: image not found"):
+        write_folder_shards(tmp_path / "imgs", tmp_path / "bad.jsonl", tmp_path / "out2", strict=True)
 
 
 def test_cli_commands(tmp_path, capsys):
