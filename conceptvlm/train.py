@@ -257,6 +257,7 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
     from .data.shards import expand_shards
     from .expert_parallel import parallelize_moe
     from .export import export_model
+    from .data.counters import skip_summary
     from .logging_utils import MetricLogger, StepMetrics, grad_norm, skipped_counters
     from .loss import training_loss
 
@@ -363,6 +364,7 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                 save_checkpoint(engine, ckpt_dir, step, trainer_state(), cfg.train.keep_last)
         save_checkpoint(engine, ckpt_dir, step, trainer_state(), cfg.train.keep_last)
+        log.message(skip_summary(skipped_counters(loaders)))  # skipped_counters is a collective: all ranks
         if cfg.train.export_at_end:
             export_model(engine.module, vcfg, out_dir / "export", tokenizer, resolved)
     finally:

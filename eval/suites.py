@@ -45,11 +45,14 @@ def evaluate(suite: str, model: torch.nn.Module, tokenizer: Any, *, data: Option
         raise ValueError(f"suite {suite!r} needs --data (a text/jsonl file or shards)")
     if suite in HARNESSES and not tasks:
         raise ValueError(f"suite {suite!r} needs --tasks")
+    from conceptvlm.data.counters import DataCounters
+
+    counters = DataCounters()  # bad samples of shard data: skipped, counted, summarised
     if suite == "text":
         from .datasets import texts_from_shards
         from .text import perplexity, read_corpus
 
-        texts = texts_from_shards(data, limit) if _is_shard_spec(data) else read_corpus(data)[:limit]
+        texts = texts_from_shards(data, limit, counters) if _is_shard_spec(data) else read_corpus(data)[:limit]
         result = perplexity(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
     elif suite == "longctx":
         from .longctx import run_retrieval
@@ -70,13 +73,13 @@ def evaluate(suite: str, model: torch.nn.Module, tokenizer: Any, *, data: Option
             from .datasets import vqa_samples_from_shards
             from .vqa_runner import run_vqa
 
-            result = run_vqa(model, tokenizer, vqa_samples_from_shards(data, processor, limit),
+            result = run_vqa(model, tokenizer, vqa_samples_from_shards(data, processor, limit, counters),
                              image_tokens_per_image=n, batch_size=batch_size, generate_fn=cached_generate)
         else:
             from .datasets import grounding_samples_from_shards
             from .grounding_runner import run_grounding
 
-            result = run_grounding(model, tokenizer, grounding_samples_from_shards(data, processor, limit),
+            result = run_grounding(model, tokenizer, grounding_samples_from_shards(data, processor, limit, counters),
                                    image_tokens_per_image=n, batch_size=batch_size, generate_fn=cached_generate)
     elif suite == "harness":
         from .harness import run_harness
@@ -91,6 +94,8 @@ def evaluate(suite: str, model: torch.nn.Module, tokenizer: Any, *, data: Option
 
         result = run_lmms(model, tokenizer, list(tasks), include_path=include_path, limit=limit,
                           batch_size=batch_size)
+    if suite in ("text", "vqa", "grounding") and _is_shard_spec(data):
+        result["data"] = counters.as_dict()
     if out_path is not None:
         write_json(result, out_path)
     return result
@@ -117,7 +122,12 @@ def _run(args: argparse.Namespace) -> int:
             from lmms_eval.utils import make_table
         print(results_table(result, make_table))
     else:
-        print(json.dumps(result.get("summary", result), indent=2, default=str)[:4000])
+        summary = result.get("summary", {k: v for k, v in result.items() if k != "samples"})
+        print(json.dumps(summary, indent=2, default=str)[:4000])
+    if "data" in result:
+        from conceptvlm.data.counters import skip_summary
+
+        print(skip_summary(result["data"], what=f"eval {args.suite} data"))
     print(f"wrote {out}")
     return 0
 
