@@ -66,8 +66,6 @@ def grounding_samples_from_shards(spec: ShardSpec, transform: ImageTransform, li
     opts = ImageOptions.for_transform(transform)
 
     def parse(raw: dict) -> tuple[dict, Any, Any, tuple[int, int]]:
-        from conceptvlm.data.samples import _field
-
         meta = sample_json(raw)
         json_field(meta, "expression")
         xyxy = parse_box_field(meta)
