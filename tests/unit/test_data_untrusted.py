@@ -335,3 +335,22 @@ def test_warnings_go_through_tqdm_write_when_the_application_configured_no_loggi
     monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, **kw: written.append(s)))
     DataCounters().skip("bad_json", "s.tar", "k", "x")
     assert len(written) == 1 and "skipping sample: bad_json (shard s.tar, key k)" in written[0]
+
+
+def test_eval_readers_skip_and_count_bad_samples_and_summarise(tmp_path):
+    from conceptvlm.data.counters import skip_summary
+    from conceptvlm.eval.datasets import grounding_samples_from_shards, vqa_samples_from_shards
+
+    vqa = [synthetic_sample("vqa", i) for i in range(2)]
+    ground = [synthetic_sample("grounding", i) for i in range(2)]
+    with wds.TarWriter(str(tmp_path / "v.tar")) as sink:
+        sink.write(vqa[0])
+        sink.write({"__key__": "noanswer", "jpg": vqa[1]["jpg"], "json": b'{"question": "q?", "answers": [{"id": 1}]}'})
+    with wds.TarWriter(str(tmp_path / "g.tar")) as sink:
+        sink.write(ground[0])
+        sink.write({"__key__": "nan", "png": _png(), "json": b'{"expression": "x", "box": [0, 0, 1e400, 2], "box_format": "xyxy"}'})
+    counters = DataCounters()
+    assert len(vqa_samples_from_shards(str(tmp_path / "v.tar"), lambda im: im, counters=counters)) == 1
+    assert len(grounding_samples_from_shards(str(tmp_path / "g.tar"), lambda im: im, counters=counters)) == 1
+    assert counters.as_dict() == {"skipped/bad_field": 2}
+    assert skip_summary(counters.as_dict(), "eval vqa data") == "eval vqa data: 2 distinct samples skipped (bad_field 2)"
