@@ -237,8 +237,9 @@ def test_pipe_that_hangs_times_out(tmp_path):
 
 
 def test_splitting_a_long_document_is_linear(tmp_path):
-    """2M tokens take at most 4x the time of 0.5M (it was quadratic: 20 s for 2M).
-    Timing on a shared CI machine is noisy: best of 3 runs, and up to 3 attempts."""
+    """2M tokens take 4x the time of 0.5M when linear (it was quadratic: 20x, 20 s for 2M).
+    Timing on a shared 2-core machine is noisy (ratios of 4.5-5 seen under load): best of 3
+    runs, up to 3 attempts, and a bound of 6x, which quadratic splitting never meets."""
     def shard(n: int) -> str:
         path = tmp_path / f"t{n}.tar"
         with wds.TarWriter(str(path)) as sink:
@@ -261,7 +262,7 @@ def test_splitting_a_long_document_is_linear(tmp_path):
         ratios.append(seconds(large) / seconds(small))
         if ratios[-1] <= 4.0:
             break
-    assert min(ratios) <= 4.0, ratios
+    assert min(ratios) <= 6.0, ratios
 
 
 def test_split_image_documents_match_the_dense_cut_rule():
