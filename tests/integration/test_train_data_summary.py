@@ -4,7 +4,7 @@ import webdataset as wds
 from conceptvlm.data.synthetic import synthetic_sample
 from conceptvlm.train import train
 from conceptvlm.train_config import load_train_config
-from train_helpers import train_yaml, one_thread  # noqa: F401 (autouse fixture)
+from train_helpers import train_yaml
 
 
 def test_training_ends_with_a_skip_summary(tmp_path, capsys):
