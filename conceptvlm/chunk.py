@@ -158,7 +158,9 @@ class ChunkRouter(nn.Module):
     def boundaries(self, p_BL: torch.Tensor, forced_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
         """Sampled (training) or thresholded (eval) boundaries; never on padding."""
         if self.training and self.cfg.sample_in_training and learned_router(self.cfg):
-            b = torch.bernoulli(sharpen(p_BL.detach(), self.cfg.sharpen)).bool()
+            # NaN p (diverged weights) would stop torch.bernoulli; its loss is non-finite
+            # too, so let the trainer's guard skip and count the micro-batch instead.
+            b = torch.bernoulli(sharpen(p_BL.detach(), self.cfg.sharpen).nan_to_num(0.0)).bool()
         else:
             b = p_BL >= self.cfg.threshold
         return (b | forced_BL) & valid_BL

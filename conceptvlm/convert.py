@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 import yaml
 
+from .checkpoint import check_replaceable
 from .config import ConfigError, ModelConfig, VLMConfig
 from .export import load_exported, save_model_dir
 from .train_config import TrainConfig, load_train_config
@@ -79,12 +80,14 @@ def convert_state(base_state: dict[str, torch.Tensor], base: ModelConfig, target
 
 
 def convert_baseline(baseline_dir: Union[str, Path], config: Union[str, Path, TrainConfig, ModelConfig],
-                     out_dir: Union[str, Path], overrides: Optional[list[str]] = None) -> Path:
+                     out_dir: Union[str, Path], overrides: Optional[list[str]] = None, overwrite: bool = False) -> Path:
     """Write a ConceptMoE model directory converted from an exported baseline MoE.
 
     ``config``: a train YAML (its ``model`` is the target; ``train.yaml`` is written next to
-    the weights) or a :class:`TrainConfig` / :class:`ModelConfig`.
+    the weights) or a :class:`TrainConfig` / :class:`ModelConfig`. A non-empty ``out_dir``
+    is replaced only with ``overwrite``.
     """
+    check_replaceable(out_dir, overwrite)
     base_model, tok = load_exported(baseline_dir)
     bcfg: VLMConfig = base_model.config
     tcfg: Optional[TrainConfig] = None
@@ -112,7 +115,7 @@ def convert_baseline(baseline_dir: Union[str, Path], config: Union[str, Path, Tr
         d["ratio_schedule"]["enabled"] = True
         extra["train.yaml"] = yaml.safe_dump(d, sort_keys=False)
     full = {k: v.detach().float().clone().contiguous() for k, v in new.state_dict().items() if not k.endswith("patch_order")}
-    return save_model_dir(full, vcfg, out, tok, extra)
+    return save_model_dir(full, vcfg, out, tok, extra, overwrite)
 
 
 @torch.no_grad()
@@ -141,7 +144,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p = subparsers.add_parser("convert", help="turn a baseline MoE checkpoint into a ConceptMoE one")
     p.add_argument("--baseline", required=True, help="exported baseline model directory (router none)")
     p.add_argument("--config", required=True, help="train YAML whose model section is the target")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the train config")
     p.set_defaults(func=_run)
     return p
@@ -149,7 +153,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        out = convert_baseline(args.baseline, args.config, args.out, args.overrides)
+        out = convert_baseline(args.baseline, args.config, args.out, args.overrides, overwrite=args.overwrite)
     except ConfigError as e:
         print(f"config error: {e}")
         return 2

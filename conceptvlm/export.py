@@ -7,7 +7,6 @@ a process group.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -56,11 +55,15 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model_dir(state: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: str | Path, tokenizer=None,
-                   extra_files: Optional[dict[str, str]] = None) -> Path:
-    """Write a model directory atomically (temp dir, then rename)."""
+                   extra_files: Optional[dict[str, str]] = None, overwrite: bool = False) -> Path:
+    """Write a model directory atomically (temp dir, then rename). A non-empty ``out_dir``
+    is replaced only with ``overwrite`` (``ConfigError`` otherwise, before writing)."""
     from safetensors.torch import save_file
 
+    from .checkpoint import check_replaceable, publish_folder
+
     out = Path(out_dir)
+    check_replaceable(out, overwrite)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -70,22 +73,20 @@ def save_model_dir(state: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: str 
         tokenizer.save(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return publish_folder(tmp, out, overwrite)
 
 
 def export_model(model: torch.nn.Module, cfg: VLMConfig, out_dir: str | Path, tokenizer=None,
-                 train_config_yaml: Optional[str] = None) -> Optional[Path]:
-    """Collective. ``model``: the (possibly DeepSpeed-wrapped or expert-parallel) ConceptVLM."""
+                 train_config_yaml: Optional[str] = None, overwrite: bool = False) -> Optional[Path]:
+    """Collective. ``model``: the (possibly DeepSpeed-wrapped or expert-parallel) ConceptVLM;
+    ``overwrite``: replace a non-empty ``out_dir``."""
     model = getattr(model, "module", model)
     state = full_model_state(model)
     rank = dist.get_rank() if dist.is_initialized() else 0
     path = None
     if rank == 0:
         extra = {"train_config.yaml": train_config_yaml} if train_config_yaml else None
-        path = save_model_dir(state, cfg, out_dir, tokenizer, extra)
+        path = save_model_dir(state, cfg, out_dir, tokenizer, extra, overwrite)
     if dist.is_initialized():
         dist.barrier()
     return path

@@ -158,6 +158,10 @@ class ConceptMoE(nn.Module):
         st = state if state is not None else self._stateless()
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, L, D = h.shape
+        if self.training and L > cfg.max_seq_len:
+            # max_seq_len is the context the model trains at; evaluation may go beyond it on
+            # purpose (the longctx suite measures extrapolation), training may not.
+            raise ValueError(f"a training input of {L} positions exceeds model.max_seq_len={cfg.max_seq_len}")
         dev = h.device
         doc = torch.zeros(B, L, dtype=torch.long, device=dev) if doc_ids is None else doc_ids.to(dev)
         valid = doc >= 0

@@ -27,10 +27,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import yaml
 
+from .checkpoint import CheckpointError, NonFiniteWeightsError
 from .chunk import RatioTargets
 from .config import ConfigError
-from .train_config import TrainConfig, load_train_config
+from .train_config import TrainConfig, load_train_config, preflight
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -252,21 +254,17 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
     """
     import deepspeed
 
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import save_checkpoint
     from .data import load_tokenizer
-    from .data.shards import expand_shards
     from .expert_parallel import parallelize_moe
     from .export import export_model
     from .data.counters import skip_summary
     from .logging_utils import MetricLogger, StepMetrics, grad_norm, skipped_counters
     from .loss import training_loss
+    from .resume import resume
 
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # config errors before any work
-    for i, s in enumerate(cfg.data.sources):
-        try:
-            expand_shards(s.shards)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data.sources[{i}].shards: {e}") from None
+    preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -296,11 +294,10 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
 
     step, nonfinite_total = 0, 0
     if cfg.train.resume:
-        st = load_checkpoint(engine, ckpt_dir)
+        say = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
+        st = resume(engine, sched, loaders, ckpt_dir, yaml.safe_load(resolved), say)
         if st is not None:
             step, nonfinite_total = st["step"], st.get("nonfinite_total", 0)
-            for ld, s in zip(loaders, st["data"]):
-                ld.load_state_dict(s)
     iters = [iter(ld) for ld in loaders]
     device = engine.device
     log = MetricLogger(out_dir, cfg.train.steps, step, enabled=rank == 0, tensorboard=cfg.train.tensorboard,
@@ -362,11 +359,12 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
                 log.log(step, metrics)
             log.advance()
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                save_checkpoint(engine, ckpt_dir, step, trainer_state(), cfg.train.keep_last)
-        save_checkpoint(engine, ckpt_dir, step, trainer_state(), cfg.train.keep_last)
+                save_checkpoint(engine, ckpt_dir, step, trainer_state(), cfg.train.keep_last, resolved)
+        save_checkpoint(engine, ckpt_dir, step, trainer_state(), cfg.train.keep_last, resolved)
         log.message(skip_summary(skipped_counters(loaders)))  # skipped_counters is a collective: all ranks
         if cfg.train.export_at_end:
-            export_model(engine.module, vcfg, out_dir / "export", tokenizer, resolved)
+            # out_dir/export belongs to this run (a rerun or resume replaces its own export)
+            export_model(engine.module, vcfg, out_dir / "export", tokenizer, resolved, overwrite=True)
     finally:
         log.close()
     return {"steps": step, "losses": losses, "out_dir": str(out_dir)}
@@ -393,16 +391,20 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    own_group = not dist.is_initialized()  # a caller's process group (tests, notebooks) stays up
     try:
         result = train(cfg)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, NonFiniteWeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
+        if own_group and dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         last = f"{result['losses'][-1]:.4f}" if result["losses"] else "n/a"

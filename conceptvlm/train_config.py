@@ -39,6 +39,7 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "data.sources[*].")
+        _check(self.weight > 0, f"data.sources[*].weight must be > 0, got {self.weight}")
 
 
 @dataclass
@@ -161,6 +162,9 @@ class TrainConfig(YamlConfig):
                f"parallel.ep_size={self.parallel.ep_size} must divide model.moe.n_experts={self.model.moe.n_experts}")
         for s in self.data.sources:
             _check(s.shards not in (None, "", "???"), "data.sources[*].shards is required")
+        # The model refuses longer inputs (ConceptMoE.forward); say so before any work.
+        _check(self.data.seq_len <= self.model.max_seq_len,
+               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
 
 def _find(name: str, config_path: Optional[str | Path]) -> Path:
@@ -178,6 +182,55 @@ def _find(name: str, config_path: Optional[str | Path]) -> Path:
     raise ConfigError(f"model_file not found: {name}")
 
 
+def _yaml_error(path: Any, e: Exception) -> ConfigError:
+    """A YAML syntax error as one line: file, line, column, what (tabs get a hint)."""
+    mark = getattr(e, "problem_mark", None)
+    name = getattr(mark, "name", "")
+    if name and not name.startswith("<"):
+        path = name  # the file it happened in (the train YAML or its model_file)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    try:  # PyYAML no longer names the character; look at it
+        tab = mark is not None and Path(str(path)).read_text()[mark.index] == "\t"
+    except (OSError, IndexError, UnicodeDecodeError):
+        tab = False
+    hint = ": a tab (indent YAML with spaces)" if tab else ""
+    return ConfigError(f"{where}: not valid YAML: {problem}{hint}")
+
+
+def preflight(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Checks against the file system, before any model, data or process group exists:
+    shards, tokenizer, ``init_from``, ``out_dir``, and enough shards for every reader."""
+    from .data import load_tokenizer
+    from .data.shards import expand_shards
+
+    d = cfg.data
+    readers = world_size * d.virtual_ranks * max(1, d.num_workers)
+    for i, s in enumerate(d.sources):
+        try:
+            urls = expand_shards(s.shards)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.sources[{i}].shards: {e}") from None
+        _check(d.resample or len(urls) >= readers,
+               f"data.sources[{i}].shards: {len(urls)} shard(s) for {readers} readers ({world_size} rank(s) x "
+               f"{d.virtual_ranks} virtual rank(s) x {max(1, d.num_workers)} worker(s)) with data.resample=false: "
+               "each reader needs a shard; lower data.num_workers, write more shards or set data.resample=true")
+    if d.tokenizer is not None:
+        try:
+            load_tokenizer(d.tokenizer)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception on a bad file
+            raise ConfigError(f"data.tokenizer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if cfg.train.init_from:
+        from .export import CONFIG, WEIGHTS
+
+        src = Path(cfg.train.init_from)
+        missing = [n for n in (CONFIG, WEIGHTS) if not (src / n).is_file()]
+        _check(not missing, f"train.init_from={src}: not an exported model folder (missing {', '.join(missing)})")
+    out = Path(cfg.train.out_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    _check(blocker is None, f"train.out_dir={out}: {blocker} exists and is not a folder")
+
+
 def load_train_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                       data: Optional[dict] = None) -> TrainConfig:
     """YAML file (or a mapping) + ``key=value`` overrides -> a validated :class:`TrainConfig`.
@@ -185,6 +238,7 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
     ``model_file`` (in the YAML or an override) is loaded first and the ``model`` section
     merged over it. Every problem raises :class:`ConfigError` naming the key.
     """
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -199,7 +253,10 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
             if "=" not in o:
                 raise ConfigError(f"override {o!r} is not key=value")
         if overrides:
-            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+            try:
+                raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+            except (TypeError, ValueError) as e:  # e.g. an index into a list: OmegaConf cannot merge it
+                raise ConfigError(f"overrides {' '.join(overrides)}: {e} (set lists in the YAML)") from None
         if not isinstance(raw, type(OmegaConf.create({}))):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         model_file = raw.get("model_file")
@@ -211,5 +268,7 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
         return load_config(TrainConfig, OmegaConf.to_container(raw, resolve=True))
     except OmegaConfBaseException as e:
         raise omegaconf_error(e) from None
+    except yaml.YAMLError as e:
+        raise _yaml_error(path, e) from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None

@@ -127,3 +127,20 @@ def test_converted_model_continues_training_with_a_ratio_schedule(baseline, tmp_
     trained = yaml.safe_load((tmp_path / "cont" / "export" / "train_config.yaml").read_text())
     assert exported["model"]["chunk"]["target_ratio_text"] == configured == 2.0
     assert exported["model"]["chunk"] == trained["model"]["chunk"]
+
+
+def test_convert_never_replaces_a_non_empty_folder_without_overwrite(baseline, tmp_path, capsys):
+    from conceptvlm.cli import main
+
+    d, base_dir, _ = baseline
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    cfg = train_yaml(d / "ow.yaml", "unused.tar")
+    argv = ["convert", "--baseline", str(base_dir), "--config", str(cfg), "--out", str(out),
+            "model.chunk.router=none", "model.joint_decoding=true"]
+    assert main(argv) == 2
+    assert "not empty" in capsys.readouterr().out and (out / "notes.txt").read_text() == "mine"
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+    assert not list(tmp_path.glob(".old-*")) and not list(tmp_path.glob(".tmp-*"))

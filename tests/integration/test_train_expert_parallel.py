@@ -63,4 +63,4 @@ def test_ep2_on_two_ranks_matches_one_process(tmp_path, chunk):
         torch.testing.assert_close(s2[k], s1[k], rtol=1e-4, atol=1e-5, msg=k)
     ckpt = sorted((tmp_path / "ep2" / "checkpoints").glob("step_*"))[-1]
     assert len(list(ckpt.glob("layer_*_expert_*_model_states.pt"))) == 4 * 4  # DeepSpeed's per-expert files
-    assert {p.name for p in ckpt.glob("trainer_rank*.pt")} == {"trainer_rank00000.pt", "trainer_rank00001.pt"}
+    assert {p.name for p in ckpt.glob("trainer_rank*.json")} == {"trainer_rank00000.json", "trainer_rank00001.json"}

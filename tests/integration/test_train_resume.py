@@ -47,17 +47,17 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path, shards):
 def test_crash_mid_save_keeps_latest_on_the_last_complete_checkpoint(tmp_path, shards, monkeypatch):
     import conceptvlm.checkpoint as ck
 
-    real_save = torch.save
+    real = ck.write_manifest
 
-    def dying_save(obj, path, *a, **k):
-        if "step_00000006" in str(path) and "trainer_rank" in str(path):
-            raise Killed  # dies after DeepSpeed wrote its files, before the pointer moves
-        return real_save(obj, path, *a, **k)
+    def dying_manifest(folder):
+        if "step_00000006" in str(folder):
+            raise Killed  # dies after every file was written, before the manifest and the renames
+        return real(folder)
 
-    monkeypatch.setattr(ck.torch, "save", dying_save)
+    monkeypatch.setattr(ck, "write_manifest", dying_manifest)
     with pytest.raises(Killed):
         train(_cfg(tmp_path / "r", shards))
-    monkeypatch.setattr(ck.torch, "save", real_save)
+    monkeypatch.setattr(ck, "write_manifest", real)
     ckpt = tmp_path / "r" / "run" / "checkpoints"
     assert latest_tag(ckpt) == "step_00000003"
     assert (ckpt / ".tmp-step_00000006").is_dir() and not (ckpt / "step_00000006").exists()
