@@ -19,7 +19,7 @@ def _no_model(*a, **k):
 
 
 CASES = {
-    "unknown source kind": (["+kind=captions"], "data.sources[*].kind"),
+    "unknown source kind": (["+kind=captions"], "'captions'"),
     "missing tokenizer": (["data.tokenizer=/nonexistent/tokenizer.json"], "data.tokenizer"),
     "missing init_from": (["train.init_from=/nonexistent/model"], "train.init_from"),
     "more workers than shards": (["data.num_workers=3", "data.resample=false"], "2 shard(s) for 3 readers"),
