@@ -73,10 +73,7 @@ def epochs_seen(cfg, run_dir: Path, data: dict) -> dict[str, float]:
     """Passes over each training source that the run consumed, from the data position its
     last checkpoint saved: whole epochs, plus the share of the current epoch's documents
     of that source that came before the position (replayed, bytes only)."""
-    import numpy as np
-    import torch
-
-    from conceptvlm.checkpoint import latest_tag
+    from conceptvlm.checkpoint import latest_tag, read_trainer_state
     from conceptvlm.data.counters import DataCounters
     from conceptvlm.data.pipeline import PackedDataset
     from conceptvlm.data.shards import ReaderInfo
@@ -86,10 +83,7 @@ def epochs_seen(cfg, run_dir: Path, data: dict) -> dict[str, float]:
     tag = latest_tag(ckpt)
     if tag is None:
         return {}
-    # weights_only, with the numpy types the saved RNG states use allowed (nothing else unpickles)
-    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    with torch.serialization.safe_globals(allowed):
-        state = torch.load(ckpt / tag / "trainer_rank00000.pt", map_location="cpu", weights_only=True)["data"][0]
+    state = read_trainer_state(ckpt / tag, 0)[0]["data"][0]  # JSON: nothing unpickles
     epoch, index, _ = state["positions"].get(0, state["positions"].get("0", [0, 0, 0]))
     ds = PackedDataset(_sources(cfg), ByteTokenizer(), _data_config(cfg))
     reader = ReaderInfo(rank=0, world_size=1, worker=0, num_workers=1)
