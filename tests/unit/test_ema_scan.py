@@ -2,17 +2,9 @@
 import pytest
 import torch
 
+from conceptvlm.bench.scan import ema_loop  # the recurrence one position at a time
 from conceptvlm.chunk import gather_rows, locate_concepts
 from conceptvlm.dechunk import ema_scan, straight_through_one
-
-
-def ema_loop(x, p):
-    z = torch.zeros_like(x[:, 0])
-    out = []
-    for j in range(x.shape[1]):
-        z = p[:, j, None] * x[:, j] + (1 - p[:, j, None]) * z
-        out.append(z)
-    return torch.stack(out, 1)
 
 
 def test_ema_scan_equals_loop_random_and_extremes():
