@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import packed_attention
+from .config import QKNorm
 from .decoding_state import KVCache
 from .packed_attention import Segments, segment_attention
 
@@ -153,13 +154,21 @@ class Attention(nn.Module):
     converted model computes exactly the baseline's attention.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, joint: bool = False):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, joint: bool = False,
+                 head_dim: Optional[int] = None, qkv_bias: bool = False, out_bias: bool = False,
+                 qk_norm: QKNorm = "none", eps: float = 1e-6):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.split = (n_heads * self.head_dim, n_kv_heads * self.head_dim, n_kv_heads * self.head_dim)
-        self.wqkv = nn.Linear(d_model, sum(self.split), bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.wqkv = nn.Linear(d_model, sum(self.split), bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=out_bias)
+        # QK-norm (pretrained checkpoints): "full" normalises the whole query / key
+        # projection (OLMoE), "head" each head separately (Qwen3); before RoPE either way.
+        self.qk_norm = qk_norm
+        if qk_norm != "none":
+            qd, kd = (self.split[0], self.split[1]) if qk_norm == "full" else (self.head_dim, self.head_dim)
+            self.q_norm, self.k_norm = RMSNorm(qd, eps), RMSNorm(kd, eps)
         self.joint = joint
         if joint:
             self.uqkv = nn.Linear(d_model, sum(self.split), bias=False)
@@ -182,8 +191,13 @@ class Attention(nn.Module):
         if self.joint and z_BLD is not None:
             qkv = qkv + self.uqkv(z_BLD)
         q, k, v = qkv.split(self.split, dim=-1)
-        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, L, self.n_heads, self.head_dim)
+        k = k.view(B, L, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:

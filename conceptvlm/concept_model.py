@@ -30,7 +30,8 @@ class ConceptModel(nn.Module):
         self.proj_out = nn.Linear(dc, d, bias=False) if self.widened else nn.Identity()
         self.layers = nn.ModuleList(
             Block(dc, cfg.concept_n_heads, cfg.concept_n_kv_heads, cfg.moe.n_experts, cfg.concept_top_k,
-                  cfg.concept_expert_hidden, cfg.moe.n_shared_experts, joint=False, eps=cfg.norm_eps)
+                  cfg.concept_expert_hidden, cfg.moe.n_shared_experts, joint=False, eps=cfg.norm_eps,
+                  **cfg.layer_options(concept=True))
             for _ in range(cfg.n_concept_layers))
 
     @property
@@ -41,7 +42,7 @@ class ConceptModel(nn.Module):
                 caches: Optional[list[KVCache]] = None) -> tuple[torch.Tensor, list[MoEOutput]]:
         cfg = self.cfg
         x0 = self.proj_in(c_BMD)
-        rope = rope_rotation(pos_BM, cfg.concept_d_model // cfg.concept_n_heads, cfg.rope_base,
+        rope = rope_rotation(pos_BM, cfg.concept_head_dim, cfg.rope_base,
                              cfg.rope_scaling, x0.dtype)
         vis = Visibility.build(doc_BM, valid_BM, caches[0] if caches else None)
         x, moe_outs = x0, []

@@ -22,6 +22,7 @@ ResidualForm = Literal["update", "output"]
 LossRate = Literal["threshold", "sampled"]
 ImagePositions = Literal["1d", "2d"]
 ImageOrder = Literal["raster", "hilbert"]
+QKNorm = Literal["none", "full", "head"]
 
 C = TypeVar("C")
 
@@ -83,6 +84,11 @@ class MoEConfig:
     n_shared_experts: int = 0  # always-on SwiGLU experts of the same hidden size
     aux_loss_weight: float = 0.01  # load-balancing loss (Switch-style)
     z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+    # Pretrained-checkpoint specifics (defaults: today's models). Renormalise the top-k
+    # gates to sum to 1: None = when top_k > 1; OLMoE false, Mixtral true, Qwen per config.
+    norm_topk_prob: Optional[bool] = None
+    shared_expert_hidden: Optional[int] = None  # shared SwiGLU width (default expert_hidden * n_shared)
+    shared_expert_gate: bool = False  # shared output * sigmoid(g . x) (Qwen2-MoE)
 
     def __post_init__(self) -> None:
         _check(self.n_experts >= 1, f"moe.n_experts must be >= 1, got {self.n_experts}")
@@ -91,6 +97,10 @@ class MoEConfig:
         _check(self.expert_hidden >= 1, f"moe.expert_hidden must be >= 1, got {self.expert_hidden}")
         _check(self.n_shared_experts >= 0, "moe.n_shared_experts must be >= 0")
         _check(self.aux_loss_weight >= 0 and self.z_loss_weight >= 0, "moe loss weights must be >= 0")
+        _check(self.shared_expert_hidden is None or self.shared_expert_hidden >= 1,
+               f"moe.shared_expert_hidden must be >= 1, got {self.shared_expert_hidden}")
+        _check(self.n_shared_experts >= 1 or (self.shared_expert_hidden is None and not self.shared_expert_gate),
+               "moe.shared_expert_hidden / moe.shared_expert_gate need moe.n_shared_experts >= 1")
 
 
 @dataclass
@@ -164,6 +174,11 @@ class ModelConfig(YamlConfig):
     init_std: float = 0.02
     tie_embeddings: bool = False
     joint_decoding: bool = True  # decoder attention also sees the dechunked concept signal
+    # Pretrained-checkpoint specifics (conceptvlm.hf_config); the defaults are today's models.
+    head_dim: Optional[int] = None  # per-head width (default d_model // n_heads; Qwen3 sets it)
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2-MoE)
+    attn_out_bias: bool = False  # bias on the attention output projection
+    qk_norm: QKNorm = "none"  # full: RMSNorm over the whole q/k projection (OLMoE) | head: per head (Qwen3)
     moe: MoEConfig = field(default_factory=MoEConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
@@ -173,13 +188,16 @@ class ModelConfig(YamlConfig):
         for name, cls in (("moe", MoEConfig), ("chunk", ChunkConfig), ("concept", ConceptConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, load_config(cls, getattr(self, name), prefix=f"{name}."))
+        check_choices(self)
         _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         _check(self.n_heads >= 1 and self.n_kv_heads >= 1, "n_heads and n_kv_heads must be >= 1")
-        _check(self.d_model % self.n_heads == 0,
-               f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        _check(self.head_dim is not None or self.d_model % self.n_heads == 0,
+               f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set head_dim)")
+        _check(self.head_dim is None or (self.head_dim >= 2 and self.head_dim % 2 == 0),
+               f"head_dim must be even and >= 2 for RoPE, got {self.head_dim}")
         _check(self.n_heads % self.n_kv_heads == 0,
                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        _check((self.d_model // self.n_heads) % 2 == 0, "head dim must be even for RoPE")
+        _check(self.attn_head_dim % 2 == 0, "head dim must be even for RoPE")
         _check(self.n_encoder_layers >= 0 and self.n_decoder_layers >= 0, "layer counts must be >= 0")
         _check(self.n_concept_layers >= 1, f"n_concept_layers must be >= 1, got {self.n_concept_layers}")
         _check(self.rope_scaling >= 1.0, f"rope_scaling must be >= 1, got {self.rope_scaling}")
@@ -187,9 +205,9 @@ class ModelConfig(YamlConfig):
         _check(c.top_k is None or 1 <= c.top_k <= self.moe.n_experts,
                f"concept.top_k must be in [1, moe.n_experts={self.moe.n_experts}], got {c.top_k}")
         cd, ch, ckv = self.concept_d_model, self.concept_n_heads, self.concept_n_kv_heads
-        _check(cd % ch == 0, f"concept d_model={cd} must be divisible by concept n_heads={ch}")
+        _check(self._same_heads or cd % ch == 0, f"concept d_model={cd} must be divisible by concept n_heads={ch}")
         _check(ch % ckv == 0, f"concept n_heads={ch} must be a multiple of concept n_kv_heads={ckv}")
-        _check((cd // ch) % 2 == 0, "concept head dim must be even for RoPE")
+        _check(self.concept_head_dim % 2 == 0, "concept head dim must be even for RoPE")
 
     # Resolved concept-model settings (reallocation defaults to "same as baseline").
     @property
@@ -211,6 +229,26 @@ class ModelConfig(YamlConfig):
     @property
     def concept_expert_hidden(self) -> int:
         return self.concept.expert_hidden or self.moe.expert_hidden
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def _same_heads(self) -> bool:
+        """The concept model keeps the token layers' width and heads (so their head size too)."""
+        return self.concept_d_model == self.d_model and self.concept_n_heads == self.n_heads
+
+    @property
+    def concept_head_dim(self) -> int:
+        return self.attn_head_dim if self._same_heads else self.concept_d_model // self.concept_n_heads
+
+    def layer_options(self, concept: bool = False) -> dict[str, Any]:
+        """Keyword arguments of :class:`conceptvlm.block.Block` beyond the basic shape."""
+        m = self.moe
+        return {"head_dim": self.concept_head_dim if concept else self.attn_head_dim, "qkv_bias": self.qkv_bias,
+                "out_bias": self.attn_out_bias, "qk_norm": self.qk_norm, "norm_topk": m.norm_topk_prob,
+                "shared_hidden": m.shared_expert_hidden, "shared_gate": m.shared_expert_gate}
 
     @property
     def n_layers(self) -> int:

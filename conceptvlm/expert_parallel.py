@@ -110,7 +110,7 @@ class ExpertParallelMoE(MoE, _DeepSpeedMoE):
         self.enable_expert_tensor_parallelism = False
         self.ep_rank = groups._get_expert_parallel_rank(self.expert_group_name)
         self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
-        self.router, self.shared = moe.router, moe.shared
+        self.router, self.shared, self.shared_gate = moe.router, moe.shared, moe.shared_gate
         first = self.ep_rank * self.num_local_experts
         ex = moe.experts
         experts = [_Expert(ex.w1_EDH[g], ex.w3_EDH[g], ex.w2_EHD[g])

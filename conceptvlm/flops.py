@@ -72,17 +72,21 @@ def _zeros() -> dict[str, float]:
 
 
 def _block(d: int, n_heads: int, n_kv: int, n_experts: int, top_k: int, hidden: int, n_shared: int,
-           joint: bool) -> tuple[dict, dict]:
-    """(total, activated) parameters of one :class:`conceptvlm.block.Block`, by part."""
-    hd = d // n_heads
+           joint: bool, opts: dict) -> tuple[dict, dict]:
+    """(total, activated) parameters of one :class:`conceptvlm.block.Block`, by part
+    (``opts``: :meth:`ModelConfig.layer_options`)."""
+    hd = opts["head_dim"] or d // n_heads
     q, kv = n_heads * hd, n_kv * hd
     tot, act = _zeros(), _zeros()
-    tot["attention"] = d * q + 2 * d * kv + q * d
+    tot["attention"] = d * q + 2 * d * kv + q * d + (q + 2 * kv if opts["qkv_bias"] else 0) \
+        + (d if opts["out_bias"] else 0)
     tot["joint_projectors"] = (d * q + 2 * d * kv) if joint else 0
-    tot["norms"] = 2 * d + (d if joint else 0)
+    qk_norm = {"none": 0, "full": q + kv, "head": 2 * hd}[opts["qk_norm"]]
+    tot["norms"] = 2 * d + (d if joint else 0) + qk_norm
     tot["moe_router"] = d * n_experts
     tot["experts"] = 3 * n_experts * d * hidden
-    tot["shared_experts"] = 3 * d * hidden * n_shared
+    shared = (opts["shared_hidden"] or hidden * n_shared) if n_shared else 0
+    tot["shared_experts"] = 3 * d * shared + (d if opts["shared_gate"] and n_shared else 0)
     act.update(tot)
     act["experts"] = 3 * top_k * d * hidden
     return tot, act
@@ -105,15 +109,17 @@ def _stages(cfg: ModelConfig) -> dict[str, dict[str, dict]]:
         tok[k]["lm_head"] = 0 if cfg.tie_embeddings else V * d
         tok[k]["norms"] = d  # final norm
         tok[k]["chunk_router"] = {"cosine": 2 * d * d, "linear": 2 * d + 1}.get(cfg.chunk.router, 0)
-    enc = _block(d, cfg.n_heads, cfg.n_kv_heads, m.n_experts, m.top_k, m.expert_hidden, m.n_shared_experts, False)
+    opts = cfg.layer_options()
+    enc = _block(d, cfg.n_heads, cfg.n_kv_heads, m.n_experts, m.top_k, m.expert_hidden, m.n_shared_experts, False,
+                 opts)
     dec = _block(d, cfg.n_heads, cfg.n_kv_heads, m.n_experts, m.top_k, m.expert_hidden, m.n_shared_experts,
-                 cfg.joint_decoding)
+                 cfg.joint_decoding, opts)
     for i, k in enumerate(("total", "activated")):
         _add(tok[k], enc[i], cfg.n_encoder_layers)
         _add(tok[k], dec[i], cfg.n_decoder_layers)
     dc = cfg.concept_d_model
     con = _block(dc, cfg.concept_n_heads, cfg.concept_n_kv_heads, m.n_experts, cfg.concept_top_k,
-                 cfg.concept_expert_hidden, m.n_shared_experts, False)
+                 cfg.concept_expert_hidden, m.n_shared_experts, False, cfg.layer_options(concept=True))
     for i, k in enumerate(("total", "activated")):
         _add(out["concept_layers"][k], con[i], cfg.n_concept_layers)
         out["concept_io"][k]["concept_projections"] = 2 * d * dc if dc != d else 0
@@ -177,7 +183,7 @@ def _part_of(name: str) -> str:
         return "moe_router"
     if ".moe.experts." in name:
         return "experts"
-    if ".moe.shared." in name:
+    if ".moe.shared." in name or ".moe.shared_gate." in name:
         return "shared_experts"
     raise KeyError(f"no accounting part for parameter {name!r}")
 
@@ -221,8 +227,8 @@ def linear_flops_per_token(cfg: ModelConfig, ratio: Optional[float] = None) -> d
 def _attn_width(cfg: ModelConfig, concept: bool) -> tuple[int, int, int]:
     """(n_heads, n_kv_heads, head_dim) of token-level or concept layers."""
     if concept:
-        return cfg.concept_n_heads, cfg.concept_n_kv_heads, cfg.concept_d_model // cfg.concept_n_heads
-    return cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads
+        return cfg.concept_n_heads, cfg.concept_n_kv_heads, cfg.concept_head_dim
+    return cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
 
 
 def attention_map_flops(cfg: ModelConfig, length: int, ratio: Optional[float] = None,

@@ -71,7 +71,8 @@ class ConceptMoE(nn.Module):
 
         def blocks(n: int, joint: bool) -> nn.ModuleList:
             return nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, m.n_experts, m.top_k,
-                                       m.expert_hidden, m.n_shared_experts, joint, cfg.norm_eps)
+                                       m.expert_hidden, m.n_shared_experts, joint, cfg.norm_eps,
+                                       **cfg.layer_options())
                                  for _ in range(n))
 
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -171,7 +172,7 @@ class ConceptMoE(nn.Module):
         pos = pos1d if positions is None else positions.to(dev)
 
         moe_outs: list[MoEOutput] = []
-        rope = rope_rotation(pos, cfg.d_model // cfg.n_heads, cfg.rope_base, cfg.rope_scaling, h.dtype)
+        rope = rope_rotation(pos, cfg.attn_head_dim, cfg.rope_base, cfg.rope_scaling, h.dtype)
         vis = Visibility.build(doc, valid, st.tokens.first_cache())
         for layer, cache in zip(self.encoder, st.tokens.encoder):
             h, out = layer(h, rope, vis, cache=cache)

@@ -15,7 +15,7 @@ The load-balance and z losses are :func:`aux_losses`, the only place they are wr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -119,16 +119,21 @@ class Router(nn.Linear):
     A ``Linear`` (no bias) so checkpoints keep the key ``router.weight``; the gating
     rule (how probabilities become the chosen experts and their weights) is
     :meth:`gate`, the one place a variant of it belongs.
+
+    ``norm_topk``: renormalise the top-k gates to sum to 1 (None: when ``top_k > 1``;
+    OLMoE and Qwen-MoE checkpoints say False/True explicitly, Mixtral True).
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, norm_topk: Optional[bool] = None):
         super().__init__(d_model, n_experts, bias=False)
         self.n_experts, self.top_k = n_experts, top_k
+        self.norm_topk = top_k > 1 if norm_topk is None else norm_topk
 
     def gate(self, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of the probabilities, renormalised to sum to 1 over the chosen experts."""
+        """Top-k of the softmax probabilities; with ``norm_topk`` renormalised to sum to 1
+        over the chosen experts (= softmax over the top-k logits, Mixtral's form)."""
         gate_NK, expert_NK = probs_NE.topk(self.top_k, dim=-1)
-        if self.top_k > 1:
+        if self.norm_topk:
             gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True)
         return gate_NK, expert_NK
 
@@ -173,18 +178,34 @@ class MoE(nn.Module):
     ``forward`` is router -> dispatch -> experts -> combine. :meth:`dispatch` sends the
     expert-sorted rows to their experts and brings the outputs back; expert parallelism
     (``expert_parallel.py``) replaces only it, with an all-to-all.
+
+    ``norm_topk``: see :class:`Router`. ``shared_hidden``: the shared SwiGLU's hidden
+    size (default ``hidden * n_shared``). ``shared_gate``: scale the shared output by
+    ``sigmoid(g . x)`` per token (Qwen2-MoE), in :meth:`combine`.
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, n_shared: int = 0):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, n_shared: int = 0,
+                 norm_topk: Optional[bool] = None, shared_hidden: Optional[int] = None, shared_gate: bool = False):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
-        self.router = Router(d_model, n_experts, top_k)
+        self.router = Router(d_model, n_experts, top_k, norm_topk)
         self.experts = GroupedExperts(n_experts, d_model, hidden)
-        self.shared = SwiGLU(d_model, hidden * n_shared) if n_shared > 0 else None
+        self.shared = SwiGLU(d_model, shared_hidden or hidden * n_shared) if n_shared > 0 else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if (shared_gate and n_shared > 0) else None
 
     def dispatch(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert (``counts_E`` each) -> their experts' outputs, same order."""
         return self.experts(x_TD, counts_E)
+
+    def combine(self, x_ND: torch.Tensor, routed_ND: torch.Tensor) -> torch.Tensor:
+        """The gated routed experts' sum ``routed_ND`` plus the shared experts' output,
+        itself scaled by ``sigmoid(g . x)`` when there is a shared gate."""
+        if self.shared is None:
+            return routed_ND
+        s_ND = self.shared(x_ND)
+        if self.shared_gate is not None:
+            s_ND = torch.sigmoid(self.shared_gate(x_ND)) * s_ND
+        return routed_ND + s_ND
 
     def forward(self, x_ND: torch.Tensor) -> MoEOutput:
         """``x_ND``: the valid tokens only (padding removed by the caller).
@@ -200,9 +221,7 @@ class MoE(nn.Module):
 
         y_sorted = self.dispatch(x_ND[token_of], counts)  # [N*k, D]
         y_sorted = y_sorted * routing.gate_NK.reshape(-1)[order, None].to(y_sorted.dtype)
-        y = torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted)
-        if self.shared is not None:
-            y = y + self.shared(x_ND)
+        y = self.combine(x_ND, torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted))
 
         if not self.training:  # the auxiliary losses only matter for training
             zero = routing.logits_NE.new_zeros(())
@@ -224,7 +243,4 @@ def moe_reference(moe: MoE, x_ND: torch.Tensor) -> torch.Tensor:
             h = F.silu(x_ND[n] @ ex.w1_EDH[e]) * (x_ND[n] @ ex.w3_EDH[e])
             acc = acc + gate_NK[n, j].to(x_ND.dtype) * (h @ ex.w2_EHD[e])
         rows.append(acc)
-    y = torch.stack(rows)
-    if moe.shared is not None:
-        y = y + moe.shared(x_ND)
-    return y
+    return moe.combine(x_ND, torch.stack(rows))

@@ -42,6 +42,8 @@ def test_roundtrip(tmp_path):
 def test_choices_are_checked_when_built_in_python_too():
     with pytest.raises(ConfigError, match=r"chunk\.router must be one of"):
         ChunkConfig(router="magic")
+    with pytest.raises(ConfigError, match=r"qk_norm must be one of"):
+        ModelConfig(qk_norm="l2")
     with pytest.raises(ConfigError, match="image_order"):
         VLMConfig(image_order="zigzag")
     with pytest.raises(ConfigError, match="backend"):
