@@ -57,6 +57,31 @@ def _check_compatible(base: ModelConfig, target: ModelConfig) -> None:
                           "(reallocate with concept.top_k or concept.loops instead)")
 
 
+def load_target(config: Union[str, Path, TrainConfig, ModelConfig],
+                overrides: Optional[list[str]] = None) -> tuple[Optional[TrainConfig], ModelConfig]:
+    """``(train config or None, target model config)`` from a train YAML or a config object."""
+    if isinstance(config, ModelConfig):
+        return None, config
+    tcfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
+    return tcfg, tcfg.model
+
+
+def train_yaml_for(tcfg: TrainConfig, out: Path, model: Optional[ModelConfig] = None,
+                   tokenizer_dir: Optional[Path] = None) -> str:
+    """The train config to continue from the converted directory ``out``: ``init_from``
+    set, the ratio warm-up on (target ratio from just above 1 to R), and optionally the
+    converted model's config and tokenizer."""
+    d = tcfg.to_dict()
+    d["model_file"] = None
+    if model is not None:
+        d["model"] = model.to_dict()
+    if tokenizer_dir is not None:
+        d["data"]["tokenizer"] = str(tokenizer_dir.resolve())
+    d["train"]["init_from"] = str(out.resolve())
+    d["ratio_schedule"]["enabled"] = True
+    return yaml.safe_dump(d, sort_keys=False)
+
+
 def convert_state(base_state: dict[str, torch.Tensor], base: ModelConfig, target: ModelConfig,
                   new_model: ConceptVLM) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map baseline keys onto the target's layer split; returns (state, dropped keys)."""
@@ -90,12 +115,7 @@ def convert_baseline(baseline_dir: Union[str, Path], config: Union[str, Path, Tr
     check_replaceable(out_dir, overwrite)
     base_model, tok = load_exported(baseline_dir)
     bcfg: VLMConfig = base_model.config
-    tcfg: Optional[TrainConfig] = None
-    if isinstance(config, ModelConfig):
-        target = config
-    else:
-        tcfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
-        target = tcfg.model
+    tcfg, target = load_target(config, overrides)
     _check_compatible(bcfg.model, target)
     vcfg = dataclasses.replace(bcfg, model=target)
     torch.manual_seed(0)
@@ -109,11 +129,7 @@ def convert_baseline(baseline_dir: Union[str, Path], config: Union[str, Path, Tr
                                                 "new_parameters": sorted(missing)}, sort_keys=False)}
     out = Path(out_dir)
     if tcfg is not None:
-        d = tcfg.to_dict()
-        d["model_file"] = None
-        d["train"]["init_from"] = str(out.resolve())
-        d["ratio_schedule"]["enabled"] = True
-        extra["train.yaml"] = yaml.safe_dump(d, sort_keys=False)
+        extra["train.yaml"] = train_yaml_for(tcfg, out)
     full = {k: v.detach().float().clone().contiguous() for k, v in new.state_dict().items() if not k.endswith("patch_order")}
     return save_model_dir(full, vcfg, out, tok, extra, overwrite)
 
@@ -140,12 +156,17 @@ def held_out_loss_change(baseline_dir: Union[str, Path], converted_dir: Union[st
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``conceptvlm convert --baseline DIR --config FILE --out DIR [key=value ...]``."""
-    p = subparsers.add_parser("convert", help="turn a baseline MoE checkpoint into a ConceptMoE one")
-    p.add_argument("--baseline", required=True, help="exported baseline model directory (router none)")
+    """``conceptvlm convert (--baseline DIR | --from-hf PATH_OR_HUB_ID) --config FILE --out DIR [key=value ...]``."""
+    p = subparsers.add_parser("convert", help="turn a baseline MoE or a transformers MoE checkpoint into a ConceptMoE")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--baseline", help="exported baseline model directory (router none)")
+    src.add_argument("--from-hf", help="transformers OLMoE / Qwen2-MoE / Qwen3-MoE / Mixtral directory or hub id")
     p.add_argument("--config", required=True, help="train YAML whose model section is the target")
     p.add_argument("--out", required=True, help="output model directory (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the written weights (--from-hf)")
+    p.add_argument("--debug", action="store_true", help="full traceback on errors")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the train config")
     p.set_defaults(func=_run)
     return p
@@ -153,10 +174,23 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        out = convert_baseline(args.baseline, args.config, args.out, args.overrides, overwrite=args.overwrite)
-    except ConfigError as e:
-        print(f"config error: {e}")
+        if args.from_hf:
+            from .hf_import import convert_from_hf
+
+            rep = convert_from_hf(args.from_hf, args.config, args.out, args.overrides, args.dtype,
+                                  overwrite=args.overwrite)
+            out = rep.out_dir
+            print(f"{rep.family}: {rep.parameters / 1e6:.1f}M parameters in {rep.seconds:.1f}s; checkpoint "
+                  f"{rep.checkpoint_bytes / 2**30:.2f} GiB, peak RSS {rep.peak_rss_bytes / 2**30:.2f} GiB "
+                  f"({rep.peak_rss_bytes / max(rep.checkpoint_bytes, 1):.2f}x)"
+                  + (f"; tokens added: {' '.join(rep.added_tokens)}" if rep.added_tokens else ""))
+        else:
+            out = convert_baseline(args.baseline, args.config, args.out, args.overrides, overwrite=args.overwrite)
+    except (ConfigError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}")
         return 2
-    print(f"converted {args.baseline} -> {out}; continue training with: "
-          f"conceptvlm train --config {out / 'train.yaml'}")
+    print(f"converted {args.baseline or args.from_hf} -> {out}; continue training with: "
+          f"conceptvlm train --config {Path(out) / 'train.yaml'}")
     return 0

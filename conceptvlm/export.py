@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,13 @@ def save_model_dir(state: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: str 
     is replaced only with ``overwrite`` (``ConfigError`` otherwise, before writing)."""
     from safetensors.torch import save_file
 
+    return write_model_dir(cfg, out_dir, lambda path: save_file(state, str(path)), tokenizer, extra_files, overwrite)
+
+
+def write_model_dir(cfg: VLMConfig, out_dir: str | Path, write_weights: Callable[[Path], None], tokenizer=None,
+                    extra_files: Optional[dict[str, str]] = None, overwrite: bool = False) -> Path:
+    """:func:`save_model_dir` with the weights file written by ``write_weights(path)``
+    (a streaming writer for models that do not fit in memory twice)."""
     from .checkpoint import check_replaceable, publish_folder
 
     out = Path(out_dir)
@@ -68,7 +75,7 @@ def save_model_dir(state: dict[str, torch.Tensor], cfg: VLMConfig, out_dir: str 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / CONFIG).write_text(yaml.safe_dump(vlm_config_dict(cfg), sort_keys=False))
-    save_file(state, str(tmp / WEIGHTS))
+    write_weights(tmp / WEIGHTS)
     if tokenizer is not None:
         tokenizer.save(tmp)
     for name, text in (extra_files or {}).items():

@@ -88,12 +88,15 @@ class ConceptMoE(nn.Module):
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, only: Optional[set[str]] = None) -> None:
         """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 * layers);
-        joint-decoding projectors zero; the cosine router's projections identity."""
+        joint-decoding projectors zero; the cosine router's projections identity.
+        ``only``: the names of the modules to initialise (default: all)."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, mod in self.named_modules():
+            if only is not None and name not in only:
+                continue
             if isinstance(mod, nn.Linear):
                 if getattr(mod, "is_zero_init", False):
                     nn.init.zeros_(mod.weight)

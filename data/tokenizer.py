@@ -31,6 +31,7 @@ SPECIAL_TOKENS: dict[str, str] = {
     "image_end": "<|image_end|>",
 }
 _BYTE_MARKER = "byte_tokenizer.json"  # what save() writes for the byte-level default
+_SPECIAL_MARKER = "special_tokens.conceptvlm.json"  # a BPE tokenizer's own pad/bos/eos texts
 
 
 class ByteTokenizer:
@@ -68,16 +69,19 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tok: Tokenizer) -> None:
-        missing = [s for s in SPECIAL_TOKENS.values() if tok.token_to_id(s) is None]
-        if missing:
-            tok.add_special_tokens(missing)
+    def __init__(self, tok: Tokenizer, special: Optional[dict[str, str]] = None) -> None:
+        """``special``: the text of some special tokens (``{"eos": "<|endoftext|>"}``), for a
+        pretrained model's tokenizer whose own pad / bos / eos must be kept."""
+        self.special = dict(SPECIAL_TOKENS, **(special or {}))
+        self.added = [s for s in dict.fromkeys(self.special.values()) if tok.token_to_id(s) is None]
+        if self.added:
+            tok.add_special_tokens(self.added)
         tok.encode_special_tokens = True
         self._tok = tok
-        for name, text in SPECIAL_TOKENS.items():
+        for name, text in self.special.items():
             setattr(self, f"{name}_id", tok.token_to_id(text))
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.special_ids = frozenset(tok.token_to_id(s) for s in SPECIAL_TOKENS.values())
+        self.special_ids = frozenset(tok.token_to_id(s) for s in self.special.values())
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -89,6 +93,8 @@ class BPETokenizer:
         path = Path(directory) / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(path))
+        if self.special != SPECIAL_TOKENS:
+            (path.parent / _SPECIAL_MARKER).write_text(json.dumps(self.special, indent=1))
         return path
 
 
@@ -112,7 +118,47 @@ def load_tokenizer(path: Optional[Union[str, os.PathLike]] = None) -> AnyTokeniz
         raise FileNotFoundError(f"tokenizer file not found: {p}")
     if p.name == _BYTE_MARKER:
         return ByteTokenizer()
-    return BPETokenizer(Tokenizer.from_file(str(p)))
+    marker = p.parent / _SPECIAL_MARKER
+    special = _special_texts(json.loads(marker.read_text()), marker) if marker.is_file() else None
+    return BPETokenizer(Tokenizer.from_file(str(p)), special)
+
+
+def _special_texts(d, where: Path) -> dict[str, str]:
+    if not isinstance(d, dict) or not all(k in SPECIAL_TOKENS and isinstance(v, str) for k, v in d.items()):
+        raise ValueError(f"{where}: expected a mapping of {sorted(SPECIAL_TOKENS)} to token texts")
+    return d
+
+
+def _token_text(value) -> Optional[str]:
+    """A tokenizer_config.json special-token entry: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def load_pretrained_tokenizer(model_dir: Union[str, os.PathLike]) -> BPETokenizer:
+    """The tokenizer of a transformers checkpoint directory (``tokenizer.json``) with its
+    own pad / bos / eos tokens (``tokenizer_config.json``, else the ids in ``config.json``;
+    a missing bos or pad is the eos). The image tokens are added when it lacks them
+    (``.added`` lists what was added)."""
+    d = Path(model_dir)
+    if not (d / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{d}: no tokenizer.json (a transformers fast tokenizer is needed)")
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    cfg = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").is_file() else {}
+    model_cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    texts: dict[str, str] = {}
+    for name in ("pad", "bos", "eos"):
+        text = _token_text(cfg.get(f"{name}_token"))
+        tid = model_cfg.get(f"{name}_token_id")
+        if text is None and isinstance(tid, int):
+            text = tok.id_to_token(tid)
+        if text is not None:
+            texts[name] = text
+    if "eos" in texts:
+        texts.setdefault("bos", texts["eos"])
+        texts.setdefault("pad", texts["eos"])
+    return BPETokenizer(tok, texts)
 
 
 def _iter_texts(files_or_texts: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> Iterable[str]:
