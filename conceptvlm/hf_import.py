@@ -122,7 +122,7 @@ def convert_from_hf(source: Union[str, Path], config: Union[str, Path, TrainConf
     prefixes = block_prefixes(target)
     layer_of = {k: next((i for i, p in enumerate(prefixes) if k.startswith(p)), -1) for k in state}
     order = sorted(state, key=lambda k: layer_of[k])  # model-level tensors, then layer by layer
-    mapper = LayerMapper(reader, family, target, dtype)
+    mapper = LayerMapper(reader, family, target)
     added_rows = [tok._tok.token_to_id(t) for t in tok.added]
     extra = {"conversion.yaml": yaml.safe_dump({
         "source": str(source), "architecture": family, "dtype": str(dtype).replace("torch.", ""),

@@ -39,15 +39,15 @@ class LayerMapper:
     """Reads checkpoint tensors and returns them under ConceptMoE names (within a layer
     prefix, or the model-level ones)."""
 
-    def __init__(self, reader: ShardedReader, family: str, cfg: ModelConfig, dtype: torch.dtype):
-        self.r, self.family, self.cfg, self.dtype = reader, family, cfg, dtype
+    def __init__(self, reader: ShardedReader, family: str, cfg: ModelConfig):
+        self.r, self.family, self.cfg = reader, family, cfg
 
     def _get(self, keys: list[str], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         got = self.r.read(keys)
         for k, shape in zip(keys, shapes):
             if tuple(got[k].shape) != tuple(shape):
                 raise CheckpointError(f"tensor {k} has shape {list(got[k].shape)}, the config says {list(shape)}")
-        return [got[k].to(self.dtype) for k in keys]
+        return [got[k] for k in keys]  # the checkpoint's dtype: the writer casts once, at the end
 
     # ------------------------------------------------------------ attention
     def attention(self, src: str) -> dict[str, torch.Tensor]:
@@ -122,10 +122,16 @@ class LayerMapper:
 
 
 def _grown(w: torch.Tensor, rows: int, mean_rows: Optional[list[int]]) -> torch.Tensor:
-    out = torch.empty(rows, w.shape[1], dtype=w.dtype)
-    out[:w.shape[0]] = w
-    mean = w.double().mean(0).to(w.dtype)
-    out[w.shape[0]:] = mean
+    """``w`` with ``rows`` rows; new ones and ``mean_rows`` set to the mean of ``w``'s rows
+    (in place when no row is added: ``w`` is this module's own copy)."""
+    # float64 sums over blocks of rows: a float64 copy of a 50k-row embedding would be 4x its size
+    total = sum(w[i:i + 4096].double().sum(0) for i in range(0, w.shape[0], 4096))
+    mean = (total / w.shape[0]).to(w.dtype)
+    out = w
+    if rows > w.shape[0]:
+        out = torch.empty(rows, w.shape[1], dtype=w.dtype)
+        out[:w.shape[0]] = w
+        out[w.shape[0]:] = mean
     for r in mean_rows or []:
         out[r] = mean
     return out

@@ -1,9 +1,10 @@
 """Safetensors files read and written one tensor group at a time (bounded memory).
 
-Reading goes through ``safetensors.safe_open``, one open per group of keys: the file is
-memory-mapped while open, and mapped pages count towards the process's resident
-memory until it is closed, so holding one handle over a whole checkpoint would cost a
-second copy of it. Writing: ``safetensors.torch.save_file`` needs every tensor in memory
+Reading: ``safetensors.safe_open`` memory-maps the file, and mapped pages count towards
+the process's resident memory until it is closed, so reading a layer through it costs
+the layer twice. :meth:`ShardedReader.read` reads each tensor's bytes (offsets from the
+JSON header) into a tensor of its own instead; the tests load what it reads and writes
+with the library. Writing: ``safetensors.torch.save_file`` needs every tensor in memory
 at once; :class:`StreamingWriter` writes the same format (8-byte little-endian header
 length, JSON header of dtype / shape / byte offsets, padded to 8 bytes, then the raw
 bytes in offset order) as tensors arrive, so a conversion holds one layer, not a model.
@@ -24,6 +25,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+_FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 
 class CheckpointError(ConfigError):
@@ -41,8 +43,6 @@ class ShardedReader:
     """The tensors of a (possibly sharded) safetensors checkpoint, by key."""
 
     def __init__(self, model_dir: str | Path):
-        from safetensors import safe_open
-
         self.dir = d = Path(model_dir)
         self.where: dict[str, Path] = {}
         if (d / INDEX).is_file():
@@ -57,8 +57,7 @@ class ShardedReader:
                 raise CheckpointError(f"{d / INDEX}: shard {missing[0]} named in the index is missing"
                                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         elif (d / SINGLE).is_file():
-            with safe_open(str(d / SINGLE), "pt") as f:
-                self.where = {k: d / SINGLE for k in f.keys()}
+            self.where = {k: d / SINGLE for k in _header(d / SINGLE)[0]}
         else:
             raise CheckpointError(f"{d}: no {SINGLE} or {INDEX} (only safetensors are read, never pickles)")
         self.nbytes = sum(p.stat().st_size for p in set(self.where.values()))
@@ -67,9 +66,7 @@ class ShardedReader:
         return key in self.where
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors of ``keys`` (copied out of the files, which are closed again)."""
-        from safetensors import safe_open
-
+        """The tensors of ``keys``, read into memory of their own (no mapping stays behind)."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for k in keys:
             if k not in self.where:
@@ -77,13 +74,46 @@ class ShardedReader:
             by_file[self.where[k]].append(k)
         out = {}
         for path, ks in by_file.items():
-            with safe_open(str(path), "pt") as f:
-                present = set(f.keys())
+            header, start = _header(path)
+            with open(path, "rb") as f:
                 for k in ks:
-                    if k not in present:
+                    if k not in header:
                         raise CheckpointError(f"{path.name}: tensor {k} (named in the index) is not in this shard")
-                    out[k] = f.get_tensor(k).clone()  # own memory: nothing may keep the mapping alive
+                    out[k] = _read_tensor(f, start, header[k], f"{path.name}:{k}")
         return out
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n <= 100 * 2**20:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_tensor(f, start: int, info: dict, where: str) -> torch.Tensor:
+    """Plain reads into a fresh tensor: unlike ``safe_open``'s memory map, nothing but the
+    tensor itself stays resident (a mapped checkpoint counts towards RSS until closed)."""
+    dtype = _FROM_NAME.get(info.get("dtype"))
+    if dtype is None:
+        raise CheckpointError(f"{where}: unsupported dtype {info.get('dtype')!r}")
+    shape = [int(x) for x in info["shape"]]
+    b, e = (int(x) for x in info["data_offsets"])
+    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if e - b != n:
+        raise CheckpointError(f"{where}: {e - b} bytes stored for shape {shape} ({info['dtype']})")
+    buf = torch.empty(n, dtype=torch.uint8)
+    f.seek(start + b)
+    if f.readinto(buf.numpy()) != n:
+        raise CheckpointError(f"{where}: the file ends before the tensor does")
+    return buf.view(dtype).reshape(shape)
 
 
 class StreamingWriter:

@@ -3,7 +3,6 @@ with a small byte-level BPE tokenizer, for the import tests. Shapes exercise GQA
 heads over 2 key/value heads), several experts per token, and each family's specifics."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,18 +13,10 @@ EOS = "<|endoftext|>"
 
 
 def write_tokenizer(directory: Path, vocab_size: int = 280) -> int:
-    """A byte-level BPE with an eos token, as a transformers checkpoint ships it; returns its size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE with an eos token (:data:`EOS`), as a transformers checkpoint ships it."""
+    from conceptvlm.bench.hf_import_memory import write_tokenizer as write
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS, trainer=trainer)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS, "pad_token": EOS}))
-    return tok.get_vocab_size()
+    return write(directory, vocab_size, TEXTS, EOS)
 
 
 def hf_config(family: str, vocab: int = 300, layers: int = 3):
