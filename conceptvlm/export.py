@@ -24,10 +24,12 @@ WEIGHTS = "model.safetensors"
 
 
 def vlm_config_dict(cfg: VLMConfig) -> dict[str, Any]:
-    """``cfg.to_dict()`` without the tower's checkpoint path: the weights travel in model.safetensors."""
+    """``cfg.to_dict()`` without the tower's checkpoint path and open_clip tag: the weights
+    travel in model.safetensors, so nothing need be fetched again."""
     d = cfg.to_dict()
     if d["vision"] is not None:
         d["vision"]["checkpoint"] = None
+        d["vision"]["pretrained"] = None
     return d
 
 

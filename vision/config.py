@@ -25,9 +25,13 @@ class VisionConfig:
 
     Attributes:
         name: timm model name (``backend='timm'``, e.g. ``vit_large_patch14_clip_336``) or
-            open_clip model name (``backend='open_clip'``, e.g. ``ViT-B-16``). Built with
-            random weights, never downloaded.
+            open_clip model name (``backend='open_clip'``, e.g. ``ViT-B-16``), built with
+            random weights; or a hub name, ``hf-hub:timm/...`` (timm) or ``hf-hub:org/repo``
+            (open_clip), whose config and weights come through huggingface_hub (from its
+            local cache when ``HF_HUB_OFFLINE=1``).
         backend: ``'timm'`` or ``'open_clip'``.
+        pretrained: open_clip pretrained tag for ``name`` (``ViT-SO400M-14-SigLIP`` +
+            ``webli``): weights from open_clip's registry, through huggingface_hub.
         checkpoint: local weights file (``.safetensors``, ``.pt``/``.bin``/``.pth``; a full
             open_clip checkpoint with ``visual.*`` keys is fine) or None for random weights.
         image_size: square input side in pixels; None keeps the model's own default.
@@ -48,6 +52,7 @@ class VisionConfig:
     name: str
     backend: Backend = "timm"
     checkpoint: str | None = None
+    pretrained: str | None = None
     image_size: int | None = None
     feature_layer: int = -2
     keep_cls_token: bool = False
@@ -68,6 +73,13 @@ class VisionConfig:
                     f"VisionConfig.checkpoint must be a local file path or None, got {self.checkpoint!r}"
                 )
             self.checkpoint = os.fspath(self.checkpoint)
+        if self.pretrained is not None:
+            if self.backend != "open_clip" or not isinstance(self.pretrained, str) or not self.pretrained:
+                raise ValueError(f"VisionConfig.pretrained={self.pretrained!r}: an open_clip pretrained tag "
+                                 "(backend='open_clip'); timm hub weights are named 'hf-hub:timm/...'")
+            if self.from_hub_name:
+                raise ValueError(f"VisionConfig.pretrained={self.pretrained!r} with hub name {self.name!r}: "
+                                 "the hub repository already names the weights")
         if self.image_size is not None:
             _check_int("image_size", self.image_size, minimum=1)
         _check_int("feature_layer", self.feature_layer)
@@ -107,9 +119,20 @@ class VisionConfig:
             )
         if "pretrained" in self.model_kwargs:
             raise ValueError(
-                "VisionConfig.model_kwargs must not set 'pretrained': towers are never downloaded; "
-                "point VisionConfig.checkpoint at a local weights file instead"
+                "VisionConfig.model_kwargs must not set 'pretrained': use VisionConfig.pretrained (an "
+                "open_clip tag), an 'hf-hub:' name, or VisionConfig.checkpoint (a local weights file)"
             )
+
+
+    @property
+    def from_hub_name(self) -> bool:
+        """``name`` is a hub repository (``hf-hub:...``): config and weights come from it."""
+        return self.name.startswith("hf-hub:")
+
+    @property
+    def downloads(self) -> bool:
+        """Weights come through huggingface_hub (or its cache)."""
+        return self.from_hub_name or self.pretrained is not None
 
 
 def tiny_vision_config(**overrides: Any) -> VisionConfig:

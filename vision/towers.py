@@ -2,8 +2,9 @@
 
 Both libraries expose ``forward_intermediates`` (features after chosen blocks) and
 ``prune_intermediate_layers`` (drop the blocks after them), so one code path serves both:
-build with random weights, load a local checkpoint, cut the model after
-``feature_layer``, freeze per config. Nothing is downloaded.
+build with random weights (or a hub tower's own, through huggingface_hub: ``hf-hub:``
+names, open_clip pretrained tags), load a local checkpoint, cut the model after
+``feature_layer``, freeze per config.
 """
 
 from __future__ import annotations
@@ -165,20 +166,39 @@ def _create_timm(config: VisionConfig) -> nn.Module:
         kwargs["img_size"] = config.image_size
     kwargs.update(config.model_kwargs)
     try:
-        return timm.create_model(config.name, pretrained=False, **kwargs)
+        with _hub_errors(config):
+            return timm.create_model(config.name, pretrained=config.downloads, **kwargs)
     except (RuntimeError, TypeError) as err:  # unknown name / keyword the model lacks
         raise ValueError(f"cannot build timm model {config.name!r} with {kwargs}: {err}") from err
+
+
+@contextlib.contextmanager
+def _hub_errors(config: VisionConfig) -> Iterator[None]:
+    """Hub look-ups that fail (offline without a cached copy, unknown repository) as one line."""
+    if not config.downloads:
+        yield
+        return
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        yield
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, FileNotFoundError, OSError) as err:
+        first = (str(err).splitlines() or [""])[0]
+        raise ValueError(f"cannot fetch the weights of {config.name!r}"
+                         + (f" ({config.pretrained!r})" if config.pretrained else "")
+                         + f" from the hub or its local cache: {type(err).__name__}: {first}") from None
 
 
 def _create_open_clip_visual(config: VisionConfig) -> nn.Module:
     import open_clip
 
     try:
-        with _quiet_open_clip():
+        with _quiet_open_clip(), _hub_errors(config):
             # pretrained_text=False: some configs would otherwise fetch a Hugging Face text model.
             clip = open_clip.create_model(
-                config.name, pretrained=None, load_weights=False, pretrained_image=False,
-                pretrained_text=False, force_image_size=config.image_size, **config.model_kwargs,
+                config.name, pretrained=config.pretrained, load_weights=config.downloads, pretrained_image=False,
+                pretrained_text=False, force_image_size=config.image_size, require_pretrained=config.downloads,
+                **config.model_kwargs,
             )
     except RuntimeError as err:  # unknown names are a RuntimeError listing every model
         raise ValueError(f"cannot build open_clip model {config.name!r}: {str(err)[:300]}") from err
