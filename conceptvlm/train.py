@@ -107,6 +107,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
     return ds
 
 
+VISION_PARTS = ("tower.", "projector.")
+
+
 def build_model(cfg: TrainConfig, tokenizer):
     """A ConceptVLM (text-only when ``vision`` is null) with the tokenizer's image ids."""
     from .config import VLMConfig
@@ -126,6 +129,10 @@ def build_model(cfg: TrainConfig, tokenizer):
 
         state = load_file(str(Path(cfg.train.init_from) / WEIGHTS))
         missing, unexpected = model.load_state_dict(state, strict=False)
+        if not any(k.startswith(VISION_PARTS) for k in state):
+            # A language model (e.g. converted from a pretrained checkpoint) starting a VLM:
+            # the tower keeps its own (hub) weights and the projector its fresh init.
+            missing = [k for k in missing if not k.startswith(VISION_PARTS)]
         if [k for k in missing if not k.endswith("patch_order")] or unexpected:
             raise ConfigError(f"train.init_from={cfg.train.init_from}: weights do not fit the model config "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
