@@ -82,6 +82,17 @@ def _fresh_parameters(model: ConceptVLM, keys: list[str]) -> dict[str, torch.Ten
     return {k: state[k] for k in keys}
 
 
+def _dotlist(fields: dict, prefix: str) -> list[str]:
+    """``{"moe": {"top_k": 8}}`` -> ``["model.moe.top_k=8"]`` (OmegaConf override syntax)."""
+    out = []
+    for k, v in fields.items():
+        if isinstance(v, dict):
+            out += _dotlist(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={'null' if v is None else v}")
+    return out
+
+
 def convert_from_hf(source: Union[str, Path], config: Union[str, Path, TrainConfig, ModelConfig],
                     out_dir: Union[str, Path], overrides: Optional[list[str]] = None,
                     dtype: Union[str, torch.dtype] = torch.float32, overwrite: bool = False) -> ImportReport:
@@ -97,10 +108,6 @@ def convert_from_hf(source: Union[str, Path], config: Union[str, Path, TrainConf
     model_dir = resolve_source(str(source))
     family = read_architecture(model_dir)
     hf = load_hf_config(model_dir)
-    tcfg, train_model = load_target(config, overrides)
-    if tcfg is not None and tcfg.vision is not None:
-        raise HFImportError("the train config has a vision section: convert the language model with a text train "
-                            "config, then add the tower in the VLM stage (train.init_from the converted directory)")
     reader = ShardedReader(model_dir)
     try:
         tok = load_pretrained_tokenizer(model_dir)
@@ -109,6 +116,13 @@ def convert_from_hf(source: Union[str, Path], config: Union[str, Path, TrainConf
     fields = architecture_fields(hf, family)
     hf_vocab = fields["vocab_size"]
     fields["vocab_size"] = max(hf_vocab, tok.vocab_size)
+    # The checkpoint's architecture goes in before the train config is validated (its
+    # concept.top_k may only make sense with the checkpoint's expert count).
+    arch = [] if isinstance(config, (TrainConfig, ModelConfig)) else _dotlist(fields, "model.")
+    tcfg, train_model = load_target(config, list(overrides or []) + arch)
+    if tcfg is not None and tcfg.vision is not None:
+        raise HFImportError("the train config has a vision section: convert the language model with a text train "
+                            "config, then add the tower in the VLM stage (train.init_from the converted directory)")
     base, target = model_configs(fields, train_model, hf.num_hidden_layers)
     _check_compatible(base, target)
     vcfg = VLMConfig(model=target, image_token_id=tok.image_id, image_start_id=tok.image_start_id,

@@ -120,3 +120,18 @@ def test_vocabulary_grows_when_the_tokens_do_not_fit(tmp_path):
     assert _compare_logits(model, hf) < 1e-5
     mean = hf.get_input_embeddings().weight.double().mean(0).float()
     assert torch.allclose(model.lm.embed.weight[TOKENIZER_VOCAB:], mean.expand(3, -1), atol=1e-6)
+
+
+def test_recipe_config_converts_with_reallocation(tmp_path, repo_root):
+    """docs/pretrained.md's stage-1 config (its concept.top_k only valid with the
+    checkpoint's experts), split to fit the tiny checkpoint; reallocation is measured, not identical."""
+    hf = make_checkpoint(tmp_path / "ckpt", "olmoe")
+    over = ["model.n_encoder_layers=1", "model.n_concept_layers=1", "model.n_decoder_layers=1",
+            "model.concept.top_k=4", f"train.out_dir={tmp_path / 'run'}"]
+    out = convert_from_hf(tmp_path / "ckpt", repo_root / "configs/train/olmoe_concept_text.yaml", tmp_path / "out",
+                          over).out_dir
+    model, _ = load_exported(out)
+    assert model.config.model.concept_top_k == 4 and model.config.model.moe.n_experts == 8
+    assert model.config.model.chunk.router == "cosine" and model.config.model.qk_norm == "full"
+    t = yaml.safe_load((out / "train.yaml").read_text())
+    assert t["parallel"]["ep_size"] == 8 and t["ratio_schedule"]["enabled"]
