@@ -39,13 +39,12 @@ class HFImportError(ConfigError):
 def read_architecture(model_dir: Path) -> str:
     """The checkpoint's family (``olmoe`` ...) from ``config.json``'s ``architectures``."""
     path = model_dir / "config.json"
-    if not path.is_file():
-        raise HFImportError(f"{model_dir}: no config.json (not a transformers model directory)")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFImportError(f"{path}: not valid JSON ({e})") from None
-    archs = raw.get("architectures") or []
+        archs = json.loads(path.read_text()).get("architectures") or []
+    except FileNotFoundError:
+        raise HFImportError(f"{model_dir}: no config.json (not a transformers model directory)") from None
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise HFImportError(f"{path}: not a JSON object ({e})") from None
     arch = archs[0] if archs else None
     if arch not in ARCHITECTURES:
         raise HFImportError(f"{path}: architecture {arch!r} is not supported "

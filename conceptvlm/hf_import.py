@@ -137,7 +137,6 @@ def convert_from_hf(source: Union[str, Path], config: Union[str, Path, TrainConf
     layer_of = {k: next((i for i, p in enumerate(prefixes) if k.startswith(p)), -1) for k in state}
     order = sorted(state, key=lambda k: layer_of[k])  # model-level tensors, then layer by layer
     mapper = LayerMapper(reader, family, target)
-    added_rows = [tok._tok.token_to_id(t) for t in tok.added]
     extra = {"conversion.yaml": yaml.safe_dump({
         "source": str(source), "architecture": family, "dtype": str(dtype).replace("torch.", ""),
         "added_tokens": tok.added, "new_parameters": sorted(new_keys)}, sort_keys=False)}
@@ -152,7 +151,7 @@ def convert_from_hf(source: Union[str, Path], config: Union[str, Path, TrainConf
             if i != current:  # the next layer (or the model-level tensors), read at once
                 current = i
                 tensors = ({"lm." + n: t for n, t in mapper.embeddings(hf_vocab, target.vocab_size,
-                                                                       added_rows).items()}
+                                                                       tok.added_ids).items()}
                            if i < 0 else {prefixes[i] + n: t for n, t in mapper.layer(i).items()})
             t = fresh[k] if k in fresh else tensors.pop(k, None)
             if t is None:

@@ -82,6 +82,7 @@ class BPETokenizer:
             setattr(self, f"{name}_id", tok.token_to_id(text))
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(tok.token_to_id(s) for s in self.special.values())
+        self.added_ids = [tok.token_to_id(s) for s in self.added]  # ids of the tokens added here
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
