@@ -77,7 +77,11 @@ def write_model_dir(cfg: VLMConfig, out_dir: str | Path, write_weights: Callable
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / CONFIG).write_text(yaml.safe_dump(vlm_config_dict(cfg), sort_keys=False))
-    write_weights(tmp / WEIGHTS)
+    try:
+        write_weights(tmp / WEIGHTS)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves nothing behind
+        raise
     if tokenizer is not None:
         tokenizer.save(tmp)
     for name, text in (extra_files or {}).items():

@@ -158,6 +158,10 @@ def convert_from_hf(source: Union[str, Path], config: Union[str, Path, TrainConf
                 raise HFImportError(f"{k}: nothing in the checkpoint maps to this parameter")
             writer.write(k, t)
         writer.close()
+        unread = reader.unread(ignore=("rotary_emb.inv_freq",))  # old checkpoints saved that buffer
+        if unread:  # a tensor the config did not announce (a bias, a norm): the model would differ
+            raise HFImportError(f"checkpoint tensor {unread[0]} has no place in the converted model"
+                                + (f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""))
 
     write_model_dir(vcfg, out_dir, write_weights, tok, extra, overwrite)
     n_params = sum(v.numel() for k, v in state.items() if not (target.tie_embeddings and k == "lm.lm_head.weight"))

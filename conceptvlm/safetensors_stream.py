@@ -61,6 +61,11 @@ class ShardedReader:
         else:
             raise CheckpointError(f"{d}: no {SINGLE} or {INDEX} (only safetensors are read, never pickles)")
         self.nbytes = sum(p.stat().st_size for p in set(self.where.values()))
+        self.seen: set[str] = set()  # keys read so far
+
+    def unread(self, ignore: tuple[str, ...] = ()) -> list[str]:
+        """Keys never read (except those ending with ``ignore``), sorted."""
+        return sorted(k for k in self.where if k not in self.seen and not k.endswith(ignore))
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
@@ -80,6 +85,7 @@ class ShardedReader:
                     if k not in header:
                         raise CheckpointError(f"{path.name}: tensor {k} (named in the index) is not in this shard")
                     out[k] = _read_tensor(f, start, header[k], f"{path.name}:{k}")
+                    self.seen.add(k)
         return out
 
 

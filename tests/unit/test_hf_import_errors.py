@@ -80,6 +80,16 @@ def test_tensor_of_the_wrong_shape_names_its_key(olmoe, tmp_path, capsys):
     assert "model.layers.1.self_attn.k_proj.weight has shape [8, 32]" in msg
 
 
+def test_tensor_the_config_does_not_announce_is_refused(olmoe, tmp_path):
+    d = _copy(olmoe[1], tmp_path / "ckpt")
+    state = load_file(str(d / "model.safetensors"))
+    state["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(32)  # but attention_bias is false
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(ConfigError, match="checkpoint tensor model.layers.0.self_attn.o_proj.bias has no place"):
+        convert_from_hf(d, split_yaml(tmp_path / "t.yaml"), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".tmp-out").exists()  # nothing half-written
+
+
 def test_layer_split_must_cover_the_checkpoint(olmoe, tmp_path):
     with pytest.raises(ConfigError, match="num_hidden_layers=3"):
         convert_from_hf(olmoe[1], split_yaml(tmp_path / "t.yaml", n_concept_layers=2), tmp_path / "out")
