@@ -166,7 +166,6 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the written weights (--from-hf)")
-    p.add_argument("--debug", action="store_true", help="full traceback on errors")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the train config")
     p.set_defaults(func=_run)
     return p
@@ -186,10 +185,8 @@ def _run(args: argparse.Namespace) -> int:
                   + (f"; tokens added: {' '.join(rep.added_tokens)}" if rep.added_tokens else ""))
         else:
             out = convert_baseline(args.baseline, args.config, args.out, args.overrides, overwrite=args.overwrite)
-    except (ConfigError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}")
+    except ConfigError as e:  # refused checkpoints too (HFImportError, CheckpointError); the rest: cli.main
+        print(f"config error: {e}")
         return 2
     print(f"converted {args.baseline or args.from_hf} -> {out}; continue training with: "
           f"conceptvlm train --config {Path(out) / 'train.yaml'}")
