@@ -127,7 +127,7 @@ def test_recipe_config_converts_with_reallocation(tmp_path, repo_root):
     checkpoint's experts), split to fit the tiny checkpoint; reallocation is measured, not identical."""
     hf = make_checkpoint(tmp_path / "ckpt", "olmoe")
     over = ["model.n_encoder_layers=1", "model.n_concept_layers=1", "model.n_decoder_layers=1",
-            "model.concept.top_k=4", f"train.out_dir={tmp_path / 'run'}"]
+            "model.concept.top_k=4", "data.seq_len=64", f"train.out_dir={tmp_path / 'run'}"]
     out = convert_from_hf(tmp_path / "ckpt", repo_root / "configs/train/olmoe_concept_text.yaml", tmp_path / "out",
                           over).out_dir
     model, _ = load_exported(out)

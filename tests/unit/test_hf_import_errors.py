@@ -35,7 +35,7 @@ def _edit_config(d, **changes):
 
 def _cli_error(capsys, ckpt, tmp_path):
     rc = main(["convert", "--from-hf", str(ckpt), "--config", str(split_yaml(tmp_path / "t.yaml")),
-               "--out", str(tmp_path / "out")])
+               "--out", str(tmp_path / "out-cli")])
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 2 and len(lines) == 1, lines
     return lines[0]
