@@ -73,7 +73,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .hf_export import export_hf
 
-    out = export_hf(args.checkpoint, args.hf, push_to_hub=args.push_to_hub, private=args.private)
+    out = export_hf(args.checkpoint, args.hf, push_to_hub=args.push_to_hub, private=args.private,
+                    overwrite=args.overwrite)
     print(f"wrote {out} (transformers layout: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"
           + (f"; pushed to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""))
     return 0
@@ -102,6 +103,7 @@ def _register_use(sub: "argparse._SubParsersAction") -> None:
     e.add_argument("--checkpoint", required=True, help="exported model directory (a training run's export/)")
     e.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this hub repo (needs a token)")
     e.add_argument("--private", action="store_true", help="create the hub repo private")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --hf folder")
     e.set_defaults(func=_export)
 
 

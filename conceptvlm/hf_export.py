@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -126,18 +125,21 @@ def _tokenizer_files(tokenizer: Any, out: Path) -> None:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, push_to_hub: Optional[str] = None,
-              private: bool = False) -> Path:
-    """Write the transformers layout of the model in ``checkpoint`` to ``out`` (atomically);
-    with ``push_to_hub`` also upload the folder to that hub repository (needs a network
-    and a token: ``huggingface-cli login`` or ``HF_TOKEN``)."""
+              private: bool = False, overwrite: bool = False) -> Path:
+    """Write the transformers layout of the model in ``checkpoint`` to ``out`` (atomically;
+    a non-empty ``out`` is replaced only with ``overwrite``); with ``push_to_hub`` also
+    upload the folder to that hub repository (needs a network and a token:
+    ``huggingface-cli login`` or ``HF_TOKEN``)."""
     from importlib import resources
 
     from safetensors.torch import save_file
 
+    from .checkpoint import check_replaceable, publish_folder
     from .export import load_exported, vlm_config_dict
 
-    model, tokenizer = load_exported(checkpoint)
     out = Path(out)
+    check_replaceable(out, overwrite)  # before loading anything
+    model, tokenizer = load_exported(checkpoint)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -157,9 +159,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, push_to_hub: Optional[str
     proc = image_processor_config(model)
     if proc is not None:
         (tmp / "preprocessor_config.json").write_text(json.dumps(proc, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_folder(tmp, out, overwrite)
     if push_to_hub:
         from huggingface_hub import HfApi
 

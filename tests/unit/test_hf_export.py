@@ -75,3 +75,18 @@ def test_wrong_layouts_name_the_folder_to_pass(tmp_path, exported):
         load_exported(run)
     with pytest.raises(UserError, match="not found"):
         load_exported(tmp_path / "missing")
+
+
+def test_export_hf_never_replaces_a_folder_without_overwrite(exported, tmp_path):
+    from conceptvlm.config import ConfigError
+    from conceptvlm.hf_export import export_hf
+
+    native, _ = exported
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="not empty"):
+        export_hf(native, out)
+    assert (out / "mine.txt").read_text() == "keep"
+    export_hf(native, out, overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "config.json").is_file()
