@@ -17,9 +17,7 @@ import random
 from pathlib import Path
 from typing import Any, Union
 
-import webdataset as wds
-
-from .synthetic import COLOURS, SHAPES, SIZES, Shape, _jpeg, draw_scene
+from .synthetic import COLOURS, SHAPES, SIZES, Shape, _jpeg, draw_scene, write_indexed_shards
 
 GRID = 8  # cells per side: the tiny tower's 8x8 patch grid on 64x64 images
 QUESTION = "Where is the {colour} shape?"
@@ -70,12 +68,5 @@ def write_cell_shards(out_dir: Union[str, Path], num: int, shard_size: int = 100
                       start_index: int = 0, image_size: int = 64) -> list[str]:
     """``num`` samples as ``OUT/cells-000000.tar``, ...; held-out splits use another
     ``start_index`` (the same seed, disjoint indices)."""
-    if num < 1 or shard_size < 1:
-        raise ValueError(f"num and shard_size must be >= 1, got {num}, {shard_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[str] = []
-    with wds.ShardWriter(str(out / "cells-%06d.tar"), maxcount=shard_size, verbose=0, post=written.append) as sink:
-        for i in range(start_index, start_index + num):
-            sink.write(cell_sample(i, seed, image_size))
-    return written
+    return write_indexed_shards(out_dir, "cells", lambda i: cell_sample(i, seed, image_size), num, shard_size,
+                                start_index)

@@ -240,12 +240,20 @@ def write_synthetic_shards(kind: str, out_dir: Union[str, Path], num: int = 1000
     with the same seed: ``start_index=10**6``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    return write_indexed_shards(out_dir, kind, lambda i: synthetic_sample(kind, i, seed, image_size), num,
+                                shard_size, start_index)
+
+
+def write_indexed_shards(out_dir: Union[str, Path], prefix: str, make_sample, num: int, shard_size: int,
+                         start_index: int = 0) -> list[str]:
+    """``make_sample(i)`` for ``i`` in ``[start_index, start_index + num)`` as
+    ``OUT/PREFIX-000000.tar``, ... (``shard_size`` per shard); returns the shard paths."""
     if num < 1 or shard_size < 1:
         raise ValueError(f"num and shard_size must be >= 1, got {num}, {shard_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
-    with wds.ShardWriter(str(out / f"{kind}-%06d.tar"), maxcount=shard_size, verbose=0, post=written.append) as sink:
+    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, post=written.append) as sink:
         for i in range(start_index, start_index + num):
-            sink.write(synthetic_sample(kind, i, seed, image_size))
+            sink.write(make_sample(i))
     return written
