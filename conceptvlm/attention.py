@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import packed_attention
 from .config import QKNorm
-from .decoding_state import KVCache
+from .decoding_state import CacheIndex, KVCache, Slots
 from .packed_attention import Segments, segment_attention
 
 
@@ -98,12 +98,14 @@ def attention_mask(doc_q_BL: torch.Tensor, doc_k_BS: torch.Tensor, valid_k_BS: t
 class Visibility:
     """Who may attend to whom in one call of a layer stack; built once, shared by its layers.
 
-    ``mask`` is ``[B, 1, L, S]`` or None. With no mask, ``segments`` (long packed rows
-    over an empty cache) runs each document as its own causal sequence
-    (:mod:`.packed_attention`, no ``L x S`` mask); otherwise ``causal`` selects the
-    fused causal kernel (a fresh single-document row without padding) and ``not
-    causal`` lets the queries see every key (one new token over a cache of its own
-    document).
+    A *fresh* call (no keys cached before it) attends over its own tokens: ``segments``
+    (long packed rows: each document its own causal sequence, :mod:`.packed_attention`,
+    no ``L x S`` mask), ``causal`` (the fused causal kernel: one document, no padding)
+    or a dense ``mask``. A call over a cache attends over every cached key plus its own:
+    no mask when each row holds the same number of keys, all of the query's document
+    (one new token per row: the common decode step), else ``mask [B, 1, L, S]``.
+    ``slots`` says where the caches put the new keys; with ``rows`` (a decode step of
+    the concept model on the rows that start a concept) each row reads its own keys.
     """
 
     doc: torch.Tensor  # [B, L] of the new tokens
@@ -111,36 +113,45 @@ class Visibility:
     mask: Optional[torch.Tensor]
     causal: bool
     all_valid: bool  # no padding among the new tokens (MoE can skip the gather)
-    # After appending these tokens, every cached key of each row is valid and of one
-    # document. Decided once per stack (all its caches hold the same keys), so the
-    # caches need no per-layer check.
-    cache_uniform: bool = True
     segments: Optional[Segments] = None
+    slots: Optional[Slots] = None  # None: nothing is cached
+    fresh: bool = True
+    rows: Optional[list[tuple[int, int]]] = None  # sub-batch: (cache row, its key count) per query row
+    row_masks: Optional[torch.Tensor] = None  # [len(rows), S] keys of the query's document
 
     @classmethod
-    def build(cls, doc_BL: torch.Tensor, valid_BL: torch.Tensor, cache: Optional[KVCache] = None,
-              min_segment_row: Optional[int] = None) -> "Visibility":
-        """``min_segment_row``: rows at least this long use per-document attention
-        instead of a dense mask (default ``packed_attention.MIN_SEGMENT_ROW``; 0: always
-        where possible, which tests use to compare the two)."""
+    def build(cls, doc_BL: torch.Tensor, valid_BL: torch.Tensor, index: Optional[CacheIndex] = None,
+              min_segment_row: Optional[int] = None, rows: Optional[torch.Tensor] = None) -> "Visibility":
+        """``index``: the stack's caches (None: nothing cached); ``rows``: the cache rows
+        these ``[len(rows), 1]`` tokens belong to. ``min_segment_row``: rows at least this
+        long use per-document attention instead of a dense mask (default
+        ``packed_attention.MIN_SEGMENT_ROW``; 0: always where possible, which tests use
+        to compare the two)."""
         if min_segment_row is None:
             min_segment_row = packed_attention.MIN_SEGMENT_ROW
         all_valid = bool(valid_BL.all())
-        one_doc = all_valid and bool((doc_BL == doc_BL[:, :1]).all())
         L = doc_BL.shape[1]
-        if cache is None or cache.length == 0:
-            if one_doc:
-                return cls(doc_BL, valid_BL, None, True, all_valid, one_doc)
+        if index is None or index.length == 0:
+            slots = index.plan(doc_BL, valid_BL, all_valid) if index is not None else None
+            if all_valid and bool((doc_BL == doc_BL[:, :1]).all()):
+                return cls(doc_BL, valid_BL, None, True, all_valid, slots=slots)
             segments = Segments.build(doc_BL, valid_BL) if L >= min_segment_row else None
             mask = None if segments is not None else attention_mask(doc_BL, doc_BL, valid_BL)
-            return cls(doc_BL, valid_BL, mask, True, all_valid, one_doc, segments)
-        doc_k, valid_k = cache.doc_valid()
-        uniform = one_doc and cache.uniform and bool((doc_k[:, -1] == doc_BL[:, 0]).all())
-        if L == 1 and uniform:
-            return cls(doc_BL, valid_BL, None, False, all_valid, uniform)
-        mask = attention_mask(doc_BL, torch.cat([doc_k, doc_BL], 1), torch.cat([valid_k, valid_BL], 1),
-                              q_offset=cache.length)
-        return cls(doc_BL, valid_BL, mask, False, all_valid, uniform)
+            return cls(doc_BL, valid_BL, mask, True, all_valid, segments, slots)
+        slots = index.plan(doc_BL, valid_BL, all_valid, rows)
+        if rows is not None:
+            counts = slots.lengths[rows]
+            masks = None if index.uniform else index.docs()[rows] == doc_BL[:, :1]
+            return cls(doc_BL, valid_BL, None, False, all_valid, slots=slots, fresh=False,
+                       rows=list(zip(rows.tolist(), counts.tolist())), row_masks=masks)
+        if L == 1 and index.even and index.uniform:
+            return cls(doc_BL, valid_BL, None, False, all_valid, slots=slots, fresh=False)
+        # Each row's valid keys sit compact at the front; a new key at slot s sees the
+        # keys up to s of its document (padding keys sit past the row's valid ones and
+        # see only themselves and this call's other padding: never NaN, never read).
+        key = torch.arange(slots.length, device=doc_BL.device)
+        mask = (key <= slots.index_BL[:, :, None]) & (index.docs()[:, None, :] == doc_BL[:, :, None])
+        return cls(doc_BL, valid_BL, mask[:, None], False, all_valid, slots=slots, fresh=False)
 
 
 class Attention(nn.Module):
@@ -201,27 +212,51 @@ class Attention(nn.Module):
         v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
-            k, v, _, _ = cache.append(k, v, vis.doc, vis.valid, vis.cache_uniform)
+            k_all, v_all = cache.append(k, v, vis.slots)
+            if not vis.fresh:
+                k, v = k_all, v_all
         if vis.segments is not None:
             return self.wo(segment_attention(q, k, v, vis.segments))
         gqa = self.n_heads != self.n_kv_heads
-        if vis.mask is None and not vis.causal:
-            out = single_query_attention(q, k, v)
+        if vis.rows is not None:
+            out = rows_attention(q, cache, vis)
+        elif not vis.fresh and L == 1:
+            out = single_query_attention(q, k, v, None if vis.mask is None else vis.mask[:, 0, 0])
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=vis.mask,
                                                  is_causal=vis.mask is None and vis.causal, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
 
-def single_query_attention(q_BH1d: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor) -> torch.Tensor:
-    """One query per row over every cached key (decode): plain matmuls, grouped heads.
+def single_query_attention(q_BH1d: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
+                           mask_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One query per row over the cached keys (decode): plain matmuls, grouped heads.
 
     Faster than the fused kernel for a single query on CPU (measured ~35% at 4k-16k
-    keys), and needs no mask when the whole cache is visible.
+    keys). ``mask_BS``: the keys each row may see (default: all).
     """
     B, H, _, d = q_BH1d.shape
     G = k_BGSd.shape[1]
     q = q_BH1d.reshape(B, G, H // G, d)  # heads grouped by their kv head
     scores = torch.matmul(q, k_BGSd.transpose(-1, -2)) * (d ** -0.5)  # [B, G, H/G, S]
+    if mask_BS is not None:
+        scores = scores.masked_fill(~mask_BS[:, None, None, :], float("-inf"))
     out = torch.matmul(scores.softmax(-1), v_BGSd)  # [B, G, H/G, d]
     return out.reshape(B, H, 1, d)
+
+
+def rows_attention(q_RH1d: torch.Tensor, cache: KVCache, vis: Visibility) -> torch.Tensor:
+    """Decode queries of a sub-batch of rows, each over its own cached keys.
+
+    The rows that start a concept at a decode step differ from row to row; each reads
+    a view of its own keys (no copy), so the other rows' concept caches are not read at
+    all. A batched kernel over gathered rows would first copy every selected row's
+    cache (more bytes than reading the whole batch); PyTorch has no gathered-batch
+    attention, so this loops over the selected rows, one fused op group each.
+    """
+    outs = []
+    for i, (row, n) in enumerate(vis.rows):
+        k, v = cache.row(row, n)
+        mask = None if vis.row_masks is None else vis.row_masks[i:i + 1, :n]
+        outs.append(single_query_attention(q_RH1d[i:i + 1], k, v, mask))
+    return torch.cat(outs, 0)

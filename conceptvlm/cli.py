@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import inference as inference_bench
     from .bench import scan as scan_bench
     from .bench import train as train_bench
+    from .bench import decode_profile
     from .data import bench as data_bench
     from .data import cli as data_cli
     from .eval import cli as eval_cli
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     inference_bench.register_bench(bench_kinds)
     scan_bench.register_bench(bench_kinds)
     train_bench.register_bench(bench_kinds)
+    decode_profile.register_bench(bench_kinds)
     flops_report.register(sub)
     experiments.register(sub)
     return parser

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .attention import Visibility, rope_rotation
-from .decoding_state import KVCache
+from .decoding_state import CacheIndex, KVCache
 from .block import Block
 from .config import ModelConfig
 from .moe import MoEOutput
@@ -39,16 +39,36 @@ class ConceptModel(nn.Module):
         return self.cfg.concept.loops * len(self.layers)
 
     def forward(self, c_BMD: torch.Tensor, pos_BM: torch.Tensor, doc_BM: torch.Tensor, valid_BM: torch.Tensor,
-                caches: Optional[list[KVCache]] = None) -> tuple[torch.Tensor, list[MoEOutput]]:
+                caches: Optional[list[KVCache]] = None,
+                index: Optional[CacheIndex] = None) -> tuple[torch.Tensor, list[MoEOutput]]:
+        """The update of each concept ``[B, M, D]`` (and each MoE layer's output);
+        ``caches`` / ``index``: the concept stack's KV caches (incremental decoding)."""
         cfg = self.cfg
+        rows = starting_rows(valid_BM, index)
+        if rows is not None:  # decode step: only these rows start a concept
+            full_shape = c_BMD.shape
+            c_BMD, pos_BM, doc_BM, valid_BM = c_BMD[rows], pos_BM[rows], doc_BM[rows], valid_BM[rows]
         x0 = self.proj_in(c_BMD)
         rope = rope_rotation(pos_BM, cfg.concept_head_dim, cfg.rope_base,
                              cfg.rope_scaling, x0.dtype)
-        vis = Visibility.build(doc_BM, valid_BM, caches[0] if caches else None)
+        vis = Visibility.build(doc_BM, valid_BM, index, rows=rows)
         x, moe_outs = x0, []
         for loop in range(cfg.concept.loops):
             for i, layer in enumerate(self.layers):
                 cache = caches[loop * len(self.layers) + i] if caches is not None else None
                 x, out = layer(x, rope, vis, cache=cache)
                 moe_outs.append(out)
-        return self.proj_out(x - x0), moe_outs
+        update = self.proj_out(x - x0)
+        if rows is not None:
+            update = update.new_zeros(full_shape).index_copy(0, rows, update)
+        return update, moe_outs
+
+
+def starting_rows(valid_BM: torch.Tensor, index: Optional[CacheIndex]) -> Optional[torch.Tensor]:
+    """In a decode step (one concept slot per row, over a cache) where only some rows
+    start a concept: those rows. The others neither compute nor read their caches, so a
+    batch's concept-level cost follows its rows' concepts (None: run every row)."""
+    if index is None or index.length == 0 or valid_BM.shape[1] != 1 or valid_BM.shape[0] == 1:
+        return None
+    rows = torch.nonzero(valid_BM[:, 0]).flatten()
+    return None if rows.numel() in (0, valid_BM.shape[0]) else rows

@@ -2,7 +2,8 @@
 
 One object per kind of layer, each with the methods that read and advance it:
 
-* :class:`KVCache`: keys/values of one attention layer;
+* :class:`KVCache`: keys/values of one attention layer, and :class:`CacheIndex`, the
+  per-row key counts and documents shared by the caches of a layer stack;
 * :class:`TokenState`: the token-level layers (encoder, decoder: one cache each) and
   :class:`Previous`, the last real token of each row, which the chunk router, the forced
   boundaries and the in-document positions of the next tokens continue from;
@@ -24,52 +25,169 @@ from .positions import segment_positions
 NO_DOC = -(2**31)  # the document id of "nothing before"
 
 
-class KVCache:
-    """Keys/values of one attention layer, appended along the sequence dim.
+REBOUND_EVERY = 64  # calls between re-reading the longest row of an uneven cache (one host sync)
 
-    Storage grows by doubling so an append costs amortised O(new tokens), not a copy
-    of everything cached. Per-key document id and validity are kept so masks for new
-    queries can be built against the whole cache (padding and other documents stay
-    invisible during generation too).
+
+@dataclass
+class Slots:
+    """Where one call's new keys go in every cache of a stack (:meth:`CacheIndex.plan`).
+
+    Each row's valid keys are kept compact, in order, at ``[0, lengths[b])``; padding
+    keys go after them, where the next call overwrites them. ``rows`` is a sub-batch
+    (decoding, the concept model run only on the rows that start a concept).
+    """
+
+    index_BL: torch.Tensor  # [B', L] slot of each new key (B' = len(rows) for a sub-batch)
+    start: Optional[int]  # every row's keys go to [start, start + L) (None: scattered)
+    length: int  # keys a query reads after the append (>= every row's count)
+    lengths: torch.Tensor  # [B] valid keys per row after the append
+    rows: Optional[torch.Tensor] = None
+
+
+class CacheIndex:
+    """Bookkeeping shared by the KV caches of one layer stack (they hold the same keys).
+
+    Per row: the document id of each cached key and the number of valid keys; on the
+    host: ``length``, an upper bound of those counts that attention reads up to. A row
+    that skips a call (padding, or no new concept) adds no key, so a concept cache holds
+    ``L / R`` keys per row even when rows start concepts at different steps.
     """
 
     def __init__(self) -> None:
-        self._k = self._v = self._doc = self._valid = None
+        self.doc: Optional[torch.Tensor] = None  # [B, capacity]
+        self.lengths: Optional[torch.Tensor] = None  # [B]
         self.length = 0
-        self.uniform = True  # every cached key valid and of the same document (per row)
+        self.even = True  # every row holds exactly ``length`` keys
+        self.uniform = True  # every row's keys are of one document
+        self.row_doc: Optional[torch.Tensor] = None  # [B] that document (-1: no key yet)
+        self._calls = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, valid: torch.Tensor,
-               uniform: bool = False):
-        """Add ``k, v [B, H, L, d]`` with ``doc, valid [B, L]``; return views of the whole cache.
+    def plan(self, doc_BL: torch.Tensor, valid_BL: torch.Tensor, all_valid: bool,
+             rows: Optional[torch.Tensor] = None) -> Slots:
+        """Reserve slots for these keys (``[B, L]``, or ``[len(rows), 1]`` for a sub-batch)
+        and record their documents; every cache of the stack then appends at them."""
+        Bq, L = doc_BL.shape
+        dev = doc_BL.device
+        if self.lengths is None:
+            B = Bq if rows is None else int(rows.max()) + 1
+            self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        self._calls += 1
+        if not self.even and (self._calls % REBOUND_EVERY == 0):
+            self.length = int(self.lengths.max())  # shrink the bound to the longest row
+        old = self.lengths if rows is None else self.lengths[rows]
+        self._track_documents(doc_BL, valid_BL, rows)
+        if rows is None and self.even and all_valid:
+            start = self.length
+            index = (start + torch.arange(L, device=dev)).expand(Bq, L)
+            added = torch.full_like(old, L)
+        else:
+            start = None
+            rank = torch.cumsum(valid_BL.long(), 1) - 1
+            added = valid_BL.sum(1)
+            pad_rank = torch.cumsum((~valid_BL).long(), 1) - 1
+            index = torch.where(valid_BL, old[:, None] + rank, (old + added)[:, None] + pad_rank)
+        lengths = old + added if rows is None else self.lengths.index_put((rows,), old + added)
+        self._grow_doc(self.lengths.shape[0], self.length + L, dev)
+        self.length += L
+        if rows is None:
+            self.doc.scatter_(1, index, torch.where(valid_BL, doc_BL, -1))
+        else:
+            self.doc[rows, index[:, 0]] = doc_BL[:, 0]
+        self.even = self.even and all_valid and rows is None
+        self.lengths = lengths
+        return Slots(index, start, self.length, lengths, rows)
 
-        ``uniform``: the caller's verdict (:attr:`Visibility.cache_uniform`) that every
-        key is now valid and of one document per row.
-        """
-        n = k.shape[2]
-        need = self.length + n
-        if self._k is None or need > self._k.shape[2]:
-            # Head-room at the prefill so the first decode steps do not copy the cache.
-            cap = max(need + 256, 2 * (0 if self._k is None else self._k.shape[2]))
-            grow = lambda old, new_like, dim: _grown(old, new_like, dim, cap, self.length)  # noqa: E731
-            self._k, self._v = grow(self._k, k, 2), grow(self._v, v, 2)
-            self._doc, self._valid = grow(self._doc, doc, 1), grow(self._valid, valid, 1)
-        s, e = self.length, need
-        self._k[:, :, s:e], self._v[:, :, s:e] = k, v
-        self._doc[:, s:e], self._valid[:, s:e] = doc, valid
-        self.uniform = uniform
-        self.length = need
-        return self._k[:, :, :e], self._v[:, :, :e], self._doc[:, :e], self._valid[:, :e]
+    def _track_documents(self, doc_BL: torch.Tensor, valid_BL: torch.Tensor, rows: Optional[torch.Tensor]) -> None:
+        """Keep :attr:`uniform`: every row's valid keys share one document (then a query
+        of that document sees all of them and needs no document mask)."""
+        if not self.uniform:
+            return
+        big = torch.iinfo(torch.long).max
+        lo = torch.where(valid_BL, doc_BL, big).amin(1)
+        hi = torch.where(valid_BL, doc_BL, -1).amax(1)
+        has = hi >= 0
+        row_doc = self.row_doc if self.row_doc is not None else torch.full_like(self.lengths, -1)
+        before = row_doc if rows is None else row_doc[rows]
+        ok = ~has | ((hi == lo) & ((before < 0) | (before == lo)))
+        after = torch.where(has, hi, before)
+        self.row_doc = after if rows is None else row_doc.index_put((rows,), after)
+        self.uniform = bool(ok.all())
 
-    def doc_valid(self, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Document ids and validity of the cached keys (plus ``extra`` slots past the end)."""
-        return self._doc[:, :self.length + extra], self._valid[:, :self.length + extra]
+    def _grow_doc(self, B: int, need: int, device: torch.device) -> None:
+        if self.doc is None or need > self.doc.shape[1]:
+            like = torch.empty(B, 1, dtype=torch.long, device=device)
+            self.doc = _grown(self.doc, like, 1, _capacity(need, self.doc), self.length)
+
+    def docs(self) -> torch.Tensor:
+        """``[B, length]`` document ids of the keys a query reads (-1: no key)."""
+        return self.doc[:, :self.length]
+
+    def select(self, rows: torch.Tensor) -> "CacheIndex":
+        out = CacheIndex()
+        if self.lengths is not None:
+            out.doc, out.lengths = self.doc[rows], self.lengths[rows]
+            out.row_doc = self.row_doc[rows] if self.row_doc is not None else None
+        out.length, out.even, out.uniform, out._calls = self.length, self.even, self.uniform, self._calls
+        return out
+
+
+def _capacity(need: int, old: Optional[torch.Tensor], dim: int = 1) -> int:
+    """Head-room so the decode steps after a prefill do not copy the cache."""
+    return max(need + 256, 2 * (0 if old is None else old.shape[dim]))
+
+
+class KVCache:
+    """Keys/values of one attention layer, ``[B, H, capacity, d]``.
+
+    Keys go where the stack's :class:`CacheIndex` planned (:class:`Slots`): each row's
+    valid keys compact at the front. Storage grows by doubling, so an append costs
+    amortised O(new keys), not a copy of everything cached.
+    """
+
+    def __init__(self) -> None:
+        self._k = self._v = None
+        self._lengths: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, slots: Slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``k, v [B, H, L, d]`` (``[len(rows), H, 1, d]`` for a sub-batch) at ``slots``;
+        return the whole cache ``[B, H, slots.length, d]`` (keys past a row's count are
+        not its keys: the caller masks them)."""
+        if self._k is None or slots.length > self._k.shape[2]:
+            B = slots.lengths.shape[0]
+            shape = (B, k.shape[1], _capacity(slots.length, self._k, 2), k.shape[3])
+            self._k, self._v = (_grown(old, new.new_empty(shape), 2, shape[2], self.length)
+                                for old, new in ((self._k, k), (self._v, v)))
+        if slots.rows is not None:
+            at = slots.index_BL[:, 0]
+            self._k[slots.rows, :, at], self._v[slots.rows, :, at] = k[:, :, 0], v[:, :, 0]
+        elif slots.start is not None:
+            e = slots.start + k.shape[2]
+            self._k[:, :, slots.start:e], self._v[:, :, slots.start:e] = k, v
+        else:
+            idx = slots.index_BL[:, None, :, None].expand_as(k)
+            self._k.scatter_(2, idx, k)
+            self._v.scatter_(2, idx, v)
+        self.length, self._lengths = slots.length, slots.lengths
+        return self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def row(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of row ``b``'s first ``n`` keys and values, ``[1, H, n, d]`` (no copy)."""
+        return self._k[b:b + 1, :, :n], self._v[b:b + 1, :, :n]
 
     def nbytes(self) -> int:
-        """Bytes of the keys and values held (not the spare capacity)."""
+        """Bytes of the valid keys and values held (not padding, not spare capacity)."""
         if self._k is None:
             return 0
-        per = self._k.shape[0] * self._k.shape[1] * self._k.shape[3] * self._k.element_size()
-        return 2 * per * self.length
+        per = self._k.shape[1] * self._k.shape[3] * self._k.element_size()
+        return 2 * per * int(self._lengths.sum())
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        out = KVCache()
+        if self._k is not None:
+            out._k, out._v, out._lengths = self._k[rows], self._v[rows], self._lengths[rows]
+        out.length = self.length
+        return out
 
 
 def _grown(old: Optional[torch.Tensor], like: torch.Tensor, dim: int, cap: int, used: int) -> torch.Tensor:
@@ -101,6 +219,10 @@ class Previous:
                    doc=torch.full((B,), NO_DOC, dtype=torch.long, device=device), modality=minus_one,
                    valid=torch.zeros(B, dtype=torch.bool, device=device), segment_pos=minus_one, pos=minus_one)
 
+    def select(self, rows: torch.Tensor) -> "Previous":
+        return Previous(self.h[rows], self.doc[rows], self.modality[rows], self.valid[rows],
+                        self.segment_pos[rows], self.pos[rows])
+
     @torch.no_grad()
     def after(self, h_BLD: torch.Tensor, doc_BL: torch.Tensor, valid_BL: torch.Tensor, modality_BL: torch.Tensor,
               forced_BL: torch.Tensor, pos_BL: torch.Tensor) -> "Previous":
@@ -123,10 +245,12 @@ class Previous:
 @dataclass
 class TokenState:
     """Token-level layers: a KV cache per encoder and decoder layer (None: not cached),
-    and the previous token of each row (None until the first call)."""
+    their shared :class:`CacheIndex`, and the previous token of each row (None until
+    the first call)."""
 
     encoder: list[Optional[KVCache]]
     decoder: list[Optional[KVCache]]
+    index: Optional[CacheIndex] = None
     prev: Optional[Previous] = None
     keeps: bool = True  # False: a full forward, nothing to remember
 
@@ -134,30 +258,38 @@ class TokenState:
         """What came before this call's tokens."""
         return self.prev if self.prev is not None else Previous.nothing(B, D, device, dtype)
 
-    def first_cache(self) -> Optional[KVCache]:
-        """A cache of the stack (they all hold the same keys), if any."""
-        caches = self.encoder + self.decoder
-        return caches[0] if caches else None
-
     def advance(self, prev: Previous, h_BLD: torch.Tensor, doc_BL: torch.Tensor, valid_BL: torch.Tensor,
                 modality_BL: torch.Tensor, forced_BL: torch.Tensor, pos_BL: torch.Tensor) -> None:
         """Remember the last real token of this call (the caches advanced themselves)."""
         if self.keeps:
             self.prev = prev.after(h_BLD, doc_BL, valid_BL, modality_BL, forced_BL, pos_BL)
 
+    def select(self, rows: torch.Tensor) -> "TokenState":
+        pick = lambda caches: [c.select(rows) if c is not None else None for c in caches]  # noqa: E731
+        return TokenState(pick(self.encoder), pick(self.decoder),
+                          self.index.select(rows) if self.index is not None else None,
+                          self.prev.select(rows) if self.prev is not None else None, self.keeps)
+
 
 @dataclass
 class ConceptState:
-    """Concept-level layers: a KV cache per loop x concept layer, and the dechunk EMA
-    state of each row's current concept (None: none yet, the EMA starts from 0)."""
+    """Concept-level layers: a KV cache per loop x concept layer, their shared
+    :class:`CacheIndex`, and the dechunk EMA state of each row's current concept
+    (None: none yet, the EMA starts from 0)."""
 
     caches: list[Optional[KVCache]]
+    index: Optional[CacheIndex] = None
     z_BD: Optional[torch.Tensor] = None
     keeps: bool = True
 
     def advance(self, z_last_BD: torch.Tensor) -> None:
         if self.keeps:
             self.z_BD = z_last_BD.detach()
+
+    def select(self, rows: torch.Tensor) -> "ConceptState":
+        return ConceptState([c.select(rows) if c is not None else None for c in self.caches],
+                            self.index.select(rows) if self.index is not None else None,
+                            self.z_BD[rows] if self.z_BD is not None else None, self.keeps)
 
 
 @dataclass
@@ -171,14 +303,22 @@ class InferenceState:
     @classmethod
     def new(cls, n_encoder: int, n_concept_slots: int, n_decoder: int) -> "InferenceState":
         """Empty caches for incremental decoding."""
-        return cls(TokenState([KVCache() for _ in range(n_encoder)], [KVCache() for _ in range(n_decoder)]),
-                   ConceptState([KVCache() for _ in range(n_concept_slots)]))
+        return cls(TokenState([KVCache() for _ in range(n_encoder)], [KVCache() for _ in range(n_decoder)],
+                              CacheIndex()),
+                   ConceptState([KVCache() for _ in range(n_concept_slots)], CacheIndex()))
 
     @classmethod
     def stateless(cls, n_encoder: int, n_concept_slots: int, n_decoder: int) -> "InferenceState":
         """A full forward: no caches, nothing before, nothing kept."""
         return cls(TokenState([None] * n_encoder, [None] * n_decoder, keeps=False),
                    ConceptState([None] * n_concept_slots, keeps=False), caching=False)
+
+    def select(self, rows: torch.Tensor) -> "InferenceState":
+        """The state of these rows only (``rows``: a 1-D index tensor, repeats allowed),
+        e.g. to drop finished sequences from a batch or to tile one prefilled row.
+        Copies the selected rows; the original is unchanged."""
+        rows = rows.to(torch.long)
+        return InferenceState(self.tokens.select(rows), self.concepts.select(rows), self.caching)
 
     def kv_bytes(self) -> dict[str, int]:
         """Bytes of keys and values held, per stack and in total."""
@@ -189,4 +329,4 @@ class InferenceState:
         return parts
 
 
-__all__ = ["KVCache", "Previous", "TokenState", "ConceptState", "InferenceState"]
+__all__ = ["Slots", "CacheIndex", "KVCache", "Previous", "TokenState", "ConceptState", "InferenceState"]

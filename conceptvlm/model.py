@@ -176,7 +176,7 @@ class ConceptMoE(nn.Module):
 
         moe_outs: list[MoEOutput] = []
         rope = rope_rotation(pos, cfg.attn_head_dim, cfg.rope_base, cfg.rope_scaling, h.dtype)
-        vis = Visibility.build(doc, valid, st.tokens.first_cache())
+        vis = Visibility.build(doc, valid, st.tokens.index)
         for layer, cache in zip(self.encoder, st.tokens.encoder):
             h, out = layer(h, rope, vis, cache=cache)
             moe_outs.append(out)
@@ -207,7 +207,7 @@ class ConceptMoE(nn.Module):
         if state.keeps and not bool(chunks.valid_BM.any()):
             update = torch.zeros_like(c)  # no row starts a concept: the concept model has nothing to do
         else:
-            update, outs = self.concept_model(c, c_pos, c_doc, chunks.valid_BM, state.caches)
+            update, outs = self.concept_model(c, c_pos, c_doc, chunks.valid_BM, state.caches, state.index)
             moe_outs.extend(outs)
         if self.config.chunk.residual_form == "output":  # ablation: smooth chat itself
             update = c + update

@@ -78,3 +78,71 @@ def test_forced_boundaries_model_matches_too():
     out = model(ids[:, :4], use_cache=True)
     steps = [out.logits] + [(out := model(ids[:, t:t + 1], state=out.state)).logits for t in range(4, 12)]
     torch.testing.assert_close(torch.cat(steps, 1), model(ids).logits, rtol=1e-9, atol=1e-9)
+
+
+def _decode(model, ids, prefill, state=None, doc=None):
+    """Prefill ``ids[:, :prefill]`` then one token per call; the logits of every call."""
+    out = model(ids[:, :prefill], use_cache=True, state=state, doc_ids=None if doc is None else doc[:, :prefill])
+    logits = [out.logits]
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t:t + 1], state=out.state, doc_ids=None if doc is None else doc[:, t:t + 1])
+        logits.append(out.logits)
+    return torch.cat(logits, 1), out.state
+
+
+@pytest.mark.parametrize("name", ["cosine", "fixed", "loops_topk", "wide"])
+def test_batched_decoding_equals_each_row_decoded_alone(name):
+    """Rows start concepts at different steps; a decode step runs the concept model on
+    the rows that start one, and each row's concept cache holds only its own concepts."""
+    model = tiny_model(**VARIANTS[name])
+    ids = torch.randint(0, 64, (5, 40), generator=torch.Generator().manual_seed(3))
+    batched, state = _decode(model, ids, 7)
+    for r in range(ids.shape[0]):
+        alone, alone_state = _decode(model, ids[r:r + 1], 7)
+        torch.testing.assert_close(batched[r:r + 1], alone, rtol=1e-9, atol=1e-9)
+        n_concepts = int(model(ids[r:r + 1]).boundary.sum())
+        assert int(state.concepts.index.lengths[r]) == n_concepts
+        assert int(alone_state.concepts.index.lengths[0]) == n_concepts
+    concept_bytes = sum(int(model(ids[r:r + 1]).boundary.sum()) for r in range(5))
+    kv = model.concept_model.layers[0].attn
+    per_concept = 2 * kv.n_kv_heads * kv.head_dim * 8  # keys + values, float64
+    assert state.kv_bytes()["concept"] == per_concept * concept_bytes * len(state.concepts.caches)
+
+
+def test_rows_that_start_concepts_differ_within_a_step():
+    """The test above exercises the sub-batch path: some steps have some rows (not all)
+    starting a concept."""
+    model = tiny_model()
+    ids = torch.randint(0, 64, (5, 40), generator=torch.Generator().manual_seed(3))
+    boundary = model(ids).boundary[:, 7:]
+    some = boundary.any(0) & ~boundary.all(0)
+    assert int(some.sum()) >= 10
+
+
+def test_selected_state_decodes_like_its_rows():
+    """``state.select(rows)``: drop rows, repeat rows; decoding continues exactly."""
+    model = tiny_model(chunk={"router": "fixed", "target_ratio_text": 2.0})
+    ids = torch.randint(0, 64, (3, 24), generator=torch.Generator().manual_seed(4))
+    prefill = model(ids[:, :10], use_cache=True).state
+    rows = torch.tensor([2, 0, 0, 1])
+    state = prefill.select(rows)
+    logits = []
+    for t in range(10, 24):
+        out = model(ids[rows, t:t + 1], state=state)
+        state = out.state
+        logits.append(out.logits)
+    full = model(ids).logits
+    torch.testing.assert_close(torch.cat(logits, 1), full[rows, 10:], rtol=1e-9, atol=1e-9)
+    # the original state is untouched by decoding its selection
+    out = model(ids[:, 10:11], state=prefill)
+    torch.testing.assert_close(out.logits, full[:, 10:11], rtol=1e-9, atol=1e-9)
+
+
+def test_padded_prompts_leave_no_padding_in_the_caches():
+    model = tiny_model()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    doc = torch.zeros(2, 12, dtype=torch.long)
+    doc[1, 7:] = -1  # row 1: a 7-token prompt
+    state = model(ids, doc_ids=doc, use_cache=True).state
+    assert state.tokens.index.lengths.tolist() == [12, 7]
+    assert state.kv_bytes()["encoder"] == 19 * 2 * 2 * 8 * 8  # 19 keys, 2 kv heads of 8, k+v, float64
