@@ -121,29 +121,31 @@ class Visibility:
 
     @classmethod
     def build(cls, doc_BL: torch.Tensor, valid_BL: torch.Tensor, index: Optional[CacheIndex] = None,
-              min_segment_row: Optional[int] = None, rows: Optional[torch.Tensor] = None) -> "Visibility":
+              min_segment_row: Optional[int] = None, rows: Optional[torch.Tensor] = None,
+              known_doc: Optional[int] = None) -> "Visibility":
         """``index``: the stack's caches (None: nothing cached); ``rows``: the cache rows
-        these ``[len(rows), 1]`` tokens belong to. ``min_segment_row``: rows at least this
+        these ``[len(rows), 1]`` tokens belong to; ``known_doc``: the caller knows every
+        token is valid and of this document (no host sync to check it). ``min_segment_row``: rows at least this
         long use per-document attention instead of a dense mask (default
         ``packed_attention.MIN_SEGMENT_ROW``; 0: always where possible, which tests use
         to compare the two)."""
         if min_segment_row is None:
             min_segment_row = packed_attention.MIN_SEGMENT_ROW
-        all_valid = bool(valid_BL.all())
+        all_valid = known_doc is not None or bool(valid_BL.all())
         L = doc_BL.shape[1]
         if index is None or index.length == 0:
-            slots = index.plan(doc_BL, valid_BL, all_valid) if index is not None else None
-            if all_valid and bool((doc_BL == doc_BL[:, :1]).all()):
+            slots = index.plan(doc_BL, valid_BL, all_valid, known_doc=known_doc) if index is not None else None
+            if all_valid and (known_doc is not None or bool((doc_BL == doc_BL[:, :1]).all())):
                 return cls(doc_BL, valid_BL, None, True, all_valid, slots=slots)
             segments = Segments.build(doc_BL, valid_BL) if L >= min_segment_row else None
             mask = None if segments is not None else attention_mask(doc_BL, doc_BL, valid_BL)
             return cls(doc_BL, valid_BL, mask, True, all_valid, segments, slots)
-        slots = index.plan(doc_BL, valid_BL, all_valid, rows)
+        slots = index.plan(doc_BL, valid_BL, all_valid, rows, known_doc)
         if rows is not None:
-            counts = slots.lengths[rows]
             masks = None if index.uniform else index.docs()[rows] == doc_BL[:, :1]
+            row_keys = torch.stack([rows, slots.lengths[rows]], 1).tolist()  # one sync: each row's key count
             return cls(doc_BL, valid_BL, None, False, all_valid, slots=slots, fresh=False,
-                       rows=list(zip(rows.tolist(), counts.tolist())), row_masks=masks)
+                       rows=[tuple(r) for r in row_keys], row_masks=masks)
         if L == 1 and index.even and index.uniform:
             return cls(doc_BL, valid_BL, None, False, all_valid, slots=slots, fresh=False)
         # Each row's valid keys sit compact at the front; a new key at slot s sees the

@@ -180,7 +180,9 @@ class Chunks:
 def locate_concepts(prob_BL: torch.Tensor, boundary_BL: torch.Tensor) -> Chunks:
     """Per-row boundary positions, padded to the batch's max count (no loop over positions)."""
     counts_B = boundary_BL.sum(1)
-    M = max(int(counts_B.max()), 1) if boundary_BL.numel() else 1
+    L = boundary_BL.shape[1]
+    # One token per row (a decode step) has at most one concept: no need to read the count.
+    M = 1 if L <= 1 or not boundary_BL.numel() else max(int(counts_B.max()), 1)
     # A stable sort of "not a boundary" puts each row's boundary indices first, in order.
     order = torch.argsort((~boundary_BL).to(torch.int8), dim=1, stable=True)[:, :M]
     valid_BM = torch.arange(M, device=prob_BL.device)[None, :] < counts_B[:, None]

@@ -40,18 +40,23 @@ class ConceptModel(nn.Module):
 
     def forward(self, c_BMD: torch.Tensor, pos_BM: torch.Tensor, doc_BM: torch.Tensor, valid_BM: torch.Tensor,
                 caches: Optional[list[KVCache]] = None,
-                index: Optional[CacheIndex] = None) -> tuple[torch.Tensor, list[MoEOutput]]:
-        """The update of each concept ``[B, M, D]`` (and each MoE layer's output);
-        ``caches`` / ``index``: the concept stack's KV caches (incremental decoding)."""
+                index: Optional[CacheIndex] = None, rows: Optional[torch.Tensor] = None,
+                known_doc: Optional[int] = None) -> tuple[torch.Tensor, list[MoEOutput]]:
+        """The update of each concept ``[B, M, D]`` (and each MoE layer's output).
+
+        ``caches`` / ``index``: the concept stack's KV caches (incremental decoding);
+        ``rows``: a decode step in which only these rows start a concept (the others get
+        a zero update, compute nothing and read none of their keys); ``known_doc``: every
+        concept computed is valid and of this document (no host sync to find out).
+        """
         cfg = self.cfg
-        rows = starting_rows(valid_BM, index)
         if rows is not None:  # decode step: only these rows start a concept
             full_shape = c_BMD.shape
             c_BMD, pos_BM, doc_BM, valid_BM = c_BMD[rows], pos_BM[rows], doc_BM[rows], valid_BM[rows]
         x0 = self.proj_in(c_BMD)
         rope = rope_rotation(pos_BM, cfg.concept_head_dim, cfg.rope_base,
                              cfg.rope_scaling, x0.dtype)
-        vis = Visibility.build(doc_BM, valid_BM, index, rows=rows)
+        vis = Visibility.build(doc_BM, valid_BM, index, rows=rows, known_doc=known_doc)
         x, moe_outs = x0, []
         for loop in range(cfg.concept.loops):
             for i, layer in enumerate(self.layers):
@@ -63,12 +68,3 @@ class ConceptModel(nn.Module):
             update = update.new_zeros(full_shape).index_copy(0, rows, update)
         return update, moe_outs
 
-
-def starting_rows(valid_BM: torch.Tensor, index: Optional[CacheIndex]) -> Optional[torch.Tensor]:
-    """In a decode step (one concept slot per row, over a cache) where only some rows
-    start a concept: those rows. The others neither compute nor read their caches, so a
-    batch's concept-level cost follows its rows' concepts (None: run every row)."""
-    if index is None or index.length == 0 or valid_BM.shape[1] != 1 or valid_BM.shape[0] == 1:
-        return None
-    rows = torch.nonzero(valid_BM[:, 0]).flatten()
-    return None if rows.numel() in (0, valid_BM.shape[0]) else rows

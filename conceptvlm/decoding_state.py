@@ -60,12 +60,14 @@ class CacheIndex:
         self.even = True  # every row holds exactly ``length`` keys
         self.uniform = True  # every row's keys are of one document
         self.row_doc: Optional[torch.Tensor] = None  # [B] that document (-1: no key yet)
+        self.known_doc: Optional[int] = None  # ... or, while row_doc is None, the host knows it
         self._calls = 0
 
     def plan(self, doc_BL: torch.Tensor, valid_BL: torch.Tensor, all_valid: bool,
-             rows: Optional[torch.Tensor] = None) -> Slots:
+             rows: Optional[torch.Tensor] = None, known_doc: Optional[int] = None) -> Slots:
         """Reserve slots for these keys (``[B, L]``, or ``[len(rows), 1]`` for a sub-batch)
-        and record their documents; every cache of the stack then appends at them."""
+        and record their documents; every cache of the stack then appends at them.
+        ``known_doc``: every new key is valid and of this document (host knowledge)."""
         Bq, L = doc_BL.shape
         dev = doc_BL.device
         if self.lengths is None:
@@ -75,7 +77,7 @@ class CacheIndex:
         if not self.even and (self._calls % REBOUND_EVERY == 0):
             self.length = int(self.lengths.max())  # shrink the bound to the longest row
         old = self.lengths if rows is None else self.lengths[rows]
-        self._track_documents(doc_BL, valid_BL, rows)
+        self._track_documents(doc_BL, valid_BL, rows, known_doc)
         if rows is None and self.even and all_valid:
             start = self.length
             index = (start + torch.arange(L, device=dev)).expand(Bq, L)
@@ -97,21 +99,33 @@ class CacheIndex:
         self.lengths = lengths
         return Slots(index, start, self.length, lengths, rows)
 
-    def _track_documents(self, doc_BL: torch.Tensor, valid_BL: torch.Tensor, rows: Optional[torch.Tensor]) -> None:
+    def _track_documents(self, doc_BL: torch.Tensor, valid_BL: torch.Tensor, rows: Optional[torch.Tensor],
+                         known_doc: Optional[int]) -> None:
         """Keep :attr:`uniform`: every row's valid keys share one document (then a query
         of that document sees all of them and needs no document mask)."""
         if not self.uniform:
+            return
+        if known_doc is not None and self.row_doc is None and self.known_doc in (None, known_doc):
+            self.known_doc = known_doc  # every key so far is of this document: nothing to read
             return
         big = torch.iinfo(torch.long).max
         lo = torch.where(valid_BL, doc_BL, big).amin(1)
         hi = torch.where(valid_BL, doc_BL, -1).amax(1)
         has = hi >= 0
-        row_doc = self.row_doc if self.row_doc is not None else torch.full_like(self.lengths, -1)
+        row_doc = self.row_doc if self.row_doc is not None else \
+            torch.full_like(self.lengths, -1 if self.known_doc is None else self.known_doc)
+        self.known_doc = None
         before = row_doc if rows is None else row_doc[rows]
         ok = ~has | ((hi == lo) & ((before < 0) | (before == lo)))
         after = torch.where(has, hi, before)
-        self.row_doc = after if rows is None else row_doc.index_put((rows,), after)
-        self.uniform = bool(ok.all())
+        row_doc = after if rows is None else row_doc.index_put((rows,), after)
+        first_with_keys = torch.where(row_doc >= 0, row_doc, big).min()
+        uniform, last, first = torch.stack([ok.all().long(), row_doc.max(), first_with_keys]).tolist()  # one sync
+        self.uniform = bool(uniform)
+        if self.uniform and last == first:  # every row's keys are of one document: remember it on the host
+            self.row_doc, self.known_doc = None, last
+        else:
+            self.row_doc = row_doc
 
     def _grow_doc(self, B: int, need: int, device: torch.device) -> None:
         if self.doc is None or need > self.doc.shape[1]:
@@ -128,6 +142,7 @@ class CacheIndex:
             out.doc, out.lengths = self.doc[rows], self.lengths[rows]
             out.row_doc = self.row_doc[rows] if self.row_doc is not None else None
         out.length, out.even, out.uniform, out._calls = self.length, self.even, self.uniform, self._calls
+        out.known_doc = self.known_doc
         return out
 
 

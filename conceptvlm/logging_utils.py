@@ -121,7 +121,7 @@ class StepMetrics:
         dev = out.aux_loss.device
         row = [out.aux_loss.detach() - out.ratio_loss.detach(), out.ratio_loss.detach(),
                out.balance_loss.detach(), out.z_loss.detach(),
-               torch.tensor(float(out.n_tokens), device=dev), torch.tensor(float(out.n_concepts), device=dev)]
+               out.n_tokens.to(dev), out.n_concepts.to(dev)]
         zero = torch.zeros((), device=dev)
         for name in MODALITIES:
             st = out.chunk_stats.get(name) or {}

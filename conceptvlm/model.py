@@ -39,8 +39,10 @@ class ModelOutput:
     ratio_loss: Optional[torch.Tensor] = None  # weighted sum over modalities
     chunk_stats: dict = field(default_factory=dict)  # {"text": {"ratio", "ratio_loss", ...}, "image": ...}
     expert_counts: list = field(default_factory=list)  # per MoE layer, tokens per expert
-    n_tokens: int = 0
-    n_concepts: int = 0
+    # Valid tokens and concepts in the batch, 0-dim tensors: reading them is a host sync,
+    # which a decode step should not pay for a number nobody reads.
+    n_tokens: Optional[torch.Tensor] = None
+    n_concepts: Optional[torch.Tensor] = None
     n_label_tokens: int = 0
     state: Optional["InferenceState"] = None  # caches after this call (use_cache=True)
     boundary: Optional[torch.Tensor] = None  # [B, L] bool, token starts a concept
@@ -176,7 +178,9 @@ class ConceptMoE(nn.Module):
 
         moe_outs: list[MoEOutput] = []
         rope = rope_rotation(pos, cfg.attn_head_dim, cfg.rope_base, cfg.rope_scaling, h.dtype)
-        vis = Visibility.build(doc, valid, st.tokens.index)
+        # Default document ids: every token valid and of document 0, known without a host sync.
+        known_doc = 0 if doc_ids is None else None
+        vis = Visibility.build(doc, valid, st.tokens.index, known_doc=known_doc)
         for layer, cache in zip(self.encoder, st.tokens.encoder):
             h, out = layer(h, rope, vis, cache=cache)
             moe_outs.append(out)
@@ -184,7 +188,7 @@ class ConceptMoE(nn.Module):
         forced = forced_boundaries(doc, valid, mod, prev)
         p = self.router(h, forced, mod, prev, ratio_targets)
         chunks = locate_concepts(p, self.router.boundaries(p, forced, valid))
-        z, z_last = self.concept_signal(h, chunks, pos, doc, moe_outs, st.concepts)
+        z, z_last = self.concept_signal(h, chunks, pos, doc, moe_outs, st.concepts, known_doc)
         x = h + z
         for layer, cache in zip(self.decoder, st.tokens.decoder):
             x, out = layer(x, rope, vis, z_BLD=z if cfg.joint_decoding else None, cache=cache)
@@ -198,16 +202,29 @@ class ConceptMoE(nn.Module):
         return out
 
     def concept_signal(self, h_BLD: torch.Tensor, chunks: Chunks, pos_BL: torch.Tensor, doc_BL: torch.Tensor,
-                       moe_outs: list[MoEOutput], state: ConceptState):
+                       moe_outs: list[MoEOutput], state: ConceptState, known_doc: Optional[int] = None):
         """Concepts through the concept model and back to tokens: ``z_{j(t)} * STE(conf_t)``
-        (and each row's final EMA state)."""
+        (and each row's final EMA state). ``known_doc``: every token is valid and of this
+        document (the caller knows it without reading a tensor)."""
         c = gather_rows(h_BLD, chunks.pos_BM)  # a concept is its boundary token's state
         c_pos = gather_rows(pos_BL, chunks.pos_BM)  # ... and keeps that token's position
         c_doc = torch.where(chunks.valid_BM, gather_rows(doc_BL, chunks.pos_BM), -1)
-        if state.keeps and not bool(chunks.valid_BM.any()):
+        run, rows, concept_doc = True, None, None
+        if state.keeps and chunks.valid_BM.shape[1] == 1:  # a decode step: at most one concept per row
+            starting = torch.nonzero(chunks.valid_BM[:, 0]).flatten()  # the step's one host sync
+            run = starting.numel() > 0
+            if starting.numel() == c.shape[0]:
+                concept_doc = known_doc  # every row starts a concept
+            elif state.index is not None and state.index.length > 0:
+                # Only these rows compute, and only their concept caches are read.
+                rows, concept_doc = starting, known_doc
+        elif state.keeps:
+            run = bool(chunks.valid_BM.any())
+        if not run:
             update = torch.zeros_like(c)  # no row starts a concept: the concept model has nothing to do
         else:
-            update, outs = self.concept_model(c, c_pos, c_doc, chunks.valid_BM, state.caches, state.index)
+            update, outs = self.concept_model(c, c_pos, c_doc, chunks.valid_BM, state.caches, state.index,
+                                              rows=rows, known_doc=concept_doc)
             moe_outs.extend(outs)
         if self.config.chunk.residual_form == "output":  # ablation: smooth chat itself
             update = c + update
@@ -225,7 +242,7 @@ class ConceptMoE(nn.Module):
         aux = cfg.moe.aux_loss_weight * balance + cfg.moe.z_loss_weight * zl + ratio
         out = ModelOutput(logits=logits, aux_loss=aux, balance_loss=balance, z_loss=zl, ratio_loss=ratio,
                           chunk_stats=stats, expert_counts=[o.counts for o in moe_outs],
-                          n_tokens=int(valid.sum()), n_concepts=int(chunks.valid_BM.sum()),
+                          n_tokens=valid.sum(), n_concepts=chunks.valid_BM.sum(),
                           boundary=chunks.boundary_BL, boundary_prob=chunks.prob_BL.detach())
         if labels is not None:
             if labels.shape != logits.shape[:2]:
