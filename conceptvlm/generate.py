@@ -54,9 +54,9 @@ def stream_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
     """Decode with KV caches (token-level and concept-level) and the dechunk state; yields,
     per step, each row's new token (None for a row that has finished).
 
-    Prompts are right-padded into one prefill. Rows that finish keep feeding padding
-    (``doc_id = -1``), which the caches store as invalid keys, so the other rows'
-    logits are exactly those of decoding them alone. A row ends at eos (not yielded),
+    Prompts are right-padded into one prefill. A row that finishes leaves the batch
+    (:meth:`InferenceState.select`), so the rows still decoding pay for no one else; each
+    row's logits are exactly those of decoding it alone. A row ends at eos (not yielded),
     at its ``max_new_tokens`` or when ``stop(row, generated)`` is true. ``seed`` (an int:
     row ``i`` uses ``seed + i``; or one seed per row) makes sampling reproducible.
     """
@@ -67,8 +67,8 @@ def stream_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
         return
     limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     out: list[list[int]] = [[] for _ in range(n)]
-    active = torch.tensor([lim > 0 for lim in limits])
-    if not active.any():
+    alive = [i for i in range(n) if limits[i] > 0]  # prompt index of each row of the batch
+    if not alive:
         return
     generators = _row_generators(n, seed) if temperature > 0 else None
     dev = model_device(model)
@@ -78,28 +78,28 @@ def stream_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
     if imgs is not None:
         kwargs["images"] = imgs.to(dev)
     res = model(ids, doc_ids=doc, use_cache=True, **kwargs)
-    last = res.logits[torch.arange(n, device=dev), (lengths - 1).to(dev)]
-    state = res.state
+    last = res.logits[torch.arange(n, device=dev), (lengths - 1).to(dev)][alive]
+    state = res.state if len(alive) == n else res.state.select(torch.tensor(alive, device=dev))
     while True:
-        nxt = next_tokens(last, temperature, top_p, generators)
+        nxt = next_tokens(last, temperature, top_p,
+                          [generators[i] for i in alive] if generators is not None else None)
         step_out: list[Optional[int]] = [None] * n
-        for i in range(n):
-            if not active[i]:
+        keep = []  # rows of the batch that go on
+        for row, (i, tok) in enumerate(zip(alive, nxt)):
+            if eos_id is not None and tok == eos_id:
                 continue
-            if eos_id is not None and nxt[i] == eos_id:
-                active[i] = False
-                continue
-            out[i].append(nxt[i])
-            step_out[i] = nxt[i]
-            if len(out[i]) >= limits[i] or (stop is not None and stop(i, out[i])):
-                active[i] = False
+            out[i].append(tok)
+            step_out[i] = tok
+            if not (len(out[i]) >= limits[i] or (stop is not None and stop(i, out[i]))):
+                keep.append(row)
         if any(t is not None for t in step_out):
             yield step_out
-        if not active.any():
+        if not keep:
             return
-        step = torch.tensor([[nxt[i] if active[i] else pad_id] for i in range(n)], device=dev)
-        step_doc = torch.where(active[:, None].to(dev), 0, -1)
-        res = model(step, doc_ids=step_doc, state=state)
+        if len(keep) < len(alive):
+            state = state.select(torch.tensor(keep, device=dev))
+            alive, nxt = [alive[r] for r in keep], [nxt[r] for r in keep]
+        res = model(torch.tensor(nxt, device=dev)[:, None], state=state)
         state, last = res.state, res.logits[:, -1]
 
 

@@ -149,5 +149,5 @@ class ConceptVLM(nn.Module):
         if self.config.image_positions == "2d" and self.tower is not None:
             pos1d = self.lm.token_positions(doc, doc >= 0, state)
             pos = self.image_positions(pos1d, mod)
-        return self.lm(labels=labels, doc_ids=doc, modality=mod, positions=pos, inputs_embeds=emb,
+        return self.lm(labels=labels, doc_ids=doc_ids, modality=mod, positions=pos, inputs_embeds=emb,
                        use_cache=use_cache, state=state, ratio_targets=ratio_targets)
