@@ -392,7 +392,7 @@ def match_loops(m: _Matching) -> tuple[list, float, float, str]:
 def match_width(m: _Matching) -> tuple[list, float, float, str]:
     """A wider concept model: heads in steps of one GQA group, expert hidden fine-tuned."""
     base = m.base
-    hd, group = base.d_model // base.n_heads, base.n_heads // base.n_kv_heads
+    hd, group = base.attn_head_dim, base.n_heads // base.n_kv_heads  # the token layers' head size (head_dim if set)
     H = base.moe.expert_hidden
     widths, uniform = [], []
     h = base.n_heads
