@@ -90,33 +90,33 @@ def _decode(model, ids, prefill, state=None, doc=None):
     return torch.cat(logits, 1), out.state
 
 
-@pytest.mark.parametrize("name", ["cosine", "fixed", "loops_topk", "wide"])
+@pytest.mark.parametrize("name", ["cosine", "loops_topk", "wide"])
 def test_batched_decoding_equals_each_row_decoded_alone(name):
     """Rows start concepts at different steps; a decode step runs the concept model on
     the rows that start one, and each row's concept cache holds only its own concepts."""
     model = tiny_model(**VARIANTS[name])
-    ids = torch.randint(0, 64, (5, 40), generator=torch.Generator().manual_seed(3))
-    batched, state = _decode(model, ids, 7)
+    ids = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(3))
+    batched, state = _decode(model, ids, 5)
+    concepts = 0
     for r in range(ids.shape[0]):
-        alone, alone_state = _decode(model, ids[r:r + 1], 7)
+        alone, _ = _decode(model, ids[r:r + 1], 5)
         torch.testing.assert_close(batched[r:r + 1], alone, rtol=1e-9, atol=1e-9)
         n_concepts = int(model(ids[r:r + 1]).boundary.sum())
         assert int(state.concepts.index.lengths[r]) == n_concepts
-        assert int(alone_state.concepts.index.lengths[0]) == n_concepts
-    concept_bytes = sum(int(model(ids[r:r + 1]).boundary.sum()) for r in range(5))
-    kv = model.concept_model.layers[0].attn
-    per_concept = 2 * kv.n_kv_heads * kv.head_dim * 8  # keys + values, float64
-    assert state.kv_bytes()["concept"] == per_concept * concept_bytes * len(state.concepts.caches)
+        concepts += n_concepts
+    attn = model.concept_model.layers[0].attn
+    per_concept = 2 * attn.n_kv_heads * attn.head_dim * 8  # keys + values, float64
+    assert state.kv_bytes()["concept"] == per_concept * concepts * len(state.concepts.caches)
 
 
 def test_rows_that_start_concepts_differ_within_a_step():
     """The test above exercises the sub-batch path: some steps have some rows (not all)
     starting a concept."""
     model = tiny_model()
-    ids = torch.randint(0, 64, (5, 40), generator=torch.Generator().manual_seed(3))
-    boundary = model(ids).boundary[:, 7:]
+    ids = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(3))
+    boundary = model(ids).boundary[:, 5:]
     some = boundary.any(0) & ~boundary.all(0)
-    assert int(some.sum()) >= 10
+    assert int(some.sum()) >= 6
 
 
 def test_selected_state_decodes_like_its_rows():
