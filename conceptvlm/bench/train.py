@@ -7,8 +7,10 @@ median step time of each. Reported beside it:
 
 * the FLOPs-predicted speed-up: training FLOPs = 3 x (linear FLOPs per token x tokens +
   attention-map FLOPs summed over the row's documents), :mod:`conceptvlm.flops`;
-* peak memory of one step (the process's peak RSS, reset before the step through
-  ``/proc/self/clear_refs``), to check it grows linearly in L;
+* memory, to check it grows linearly in L (:mod:`.step_memory`): the bytes autograd
+  saves for backward (exact, counted on the first step) and the peak RSS of the second
+  step (reset before it through ``/proc/self/clear_refs``; the first step also
+  allocates AdamW's state, a constant floor that hid the short rows' growth);
 * MFU on this machine: achieved FLOP/s over the FLOP/s of a large float32 matmul timed
   in the same run with the same threads.
 
@@ -18,7 +20,6 @@ ratio depends on its training).
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 
 from .common import finish, print_table
 from .inference import BenchModel, _parse_length
+from .step_memory import SavedActivations, step_peak_rss
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384)
 TINY_YAML = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
@@ -85,30 +87,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _reset_peak_rss() -> bool:
-    """Hand freed heap back to the OS (else a step reusing another model's freed memory
-    shows no growth), then reset the kernel's peak-RSS counter."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> Optional[int]:
-    try:
-        m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(m.group(1)) * 1024 if m else None
-
-
 class _Trainer:
     """One model, its AdamW and a fixed packed row: ``step()`` is a full training step."""
 
@@ -121,35 +99,43 @@ class _Trainer:
         self.ids, self.doc = ids, doc
 
     def step(self) -> float:
-        out = self.model(self.ids, labels=self.ids, doc_ids=self.doc)
+        return self._finish(self.model(self.ids, labels=self.ids, doc_ids=self.doc))
+
+    def _finish(self, out) -> float:
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return out.loss.item()
 
-    def peak_step_bytes(self) -> Optional[int]:
-        """Peak RSS during one step above the RSS before it (None where Linux's counter is missing)."""
-        import gc
-
-        gc.collect()
-        if not _reset_peak_rss():
-            return None
-        before = _peak_rss_bytes()
-        self.step()
-        after = _peak_rss_bytes()
-        return None if before is None or after is None else after - before
+    def measure_memory(self) -> tuple[int, Optional[int]]:
+        """``(saved-activation bytes, peak RSS bytes)`` of a step. Run first, as the warm-up:
+        the saved bytes are counted on the first step, the peak RSS is taken on the
+        second, once AdamW's state exists (its allocation on the first step set a
+        constant floor under the short rows' peaks: 1289 MB measured for 942 MB)."""
+        counter = SavedActivations(self.model.parameters())
+        with counter:
+            out = self.model(self.ids, labels=self.ids, doc_ids=self.doc)
+        self._finish(out)
+        return counter.bytes, step_peak_rss(self.step)
 
 
 def run_train_bench(configs: Sequence[str] = ("efficiency", "tiny"), lengths: Sequence[int] = DEFAULT_LENGTHS,
                     ratio: float = 2.0, n_docs: int = 4, steps: int = 3, threads: Optional[int] = None,
-                    seed: int = 0, out: Optional[str] = "runs/bench/train.json", plot: Optional[str] = None) -> dict:
-    """Time training steps of each config's baseline and ConceptMoE side by side; print and save."""
+                    seed: int = 0, out: Optional[str] = "runs/bench/train.json", plot: Optional[str] = None,
+                    memory_only: bool = False) -> dict:
+    """Time training steps of each config's baseline and ConceptMoE side by side; print and save.
+
+    Every row first measures memory (two untimed steps per model: saved-activation bytes,
+    then peak RSS); ``memory_only`` stops there (no timing, no MFU), which is what long
+    rows on a busy machine can still measure honestly.
+    """
     if threads:
         torch.set_num_threads(threads)
     lengths = sorted(int(L) for L in lengths)
-    peak = matmul_flops_per_s()
-    print(f"bench train: batch 1, float32, {torch.get_num_threads()} threads, {n_docs} documents per row, "
-          f"R={ratio:g} (fixed router); dense matmul {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = None if memory_only else matmul_flops_per_s()
+    print(f"bench train{' (memory only)' if memory_only else ''}: batch 1, float32, {torch.get_num_threads()} threads, "
+          f"{n_docs} documents per row, R={ratio:g} (fixed router)"
+          + ("" if peak is None else f"; dense matmul {peak / 1e9:.1f} GFLOP/s"), flush=True)
     g = torch.Generator().manual_seed(seed)
     rows = []
     for name in configs:
@@ -159,35 +145,73 @@ def run_train_bench(configs: Sequence[str] = ("efficiency", "tiny"), lengths: Se
             ids = torch.randint(0, base_cfg.vocab_size, (1, L), generator=g)
             doc = torch.repeat_interleave(torch.arange(n_docs), torch.tensor(docs))[None]
             trainers = {"baseline": _Trainer(base_cfg, ids, doc, seed), "conceptmoe": _Trainer(cmoe_cfg, ids, doc, seed)}
-            memory = {k: t.peak_step_bytes() for k, t in trainers.items()}  # also the warm-up step
-            times: dict[str, list[float]] = {k: [] for k in trainers}
-            for _ in range(steps):
-                for k, t in trainers.items():
-                    times[k].append(_timed(t.step))
-            med = {k: statistics.median(v) for k, v in times.items()}
-            flops = {"baseline": training_flops(base_cfg, docs), "conceptmoe": training_flops(cmoe_cfg, docs, ratio)}
-            row = {"config": name, "length": L, "documents": docs, "step_s": med, "samples": times,
-                   "tokens_per_s": {k: L / v for k, v in med.items()}, "peak_step_bytes": memory,
-                   "train_flops": flops, "speedup": med["baseline"] / med["conceptmoe"],
-                   "predicted": flops["baseline"] / flops["conceptmoe"],
-                   "mfu": {k: flops[k] / med[k] / peak for k in med}}
-            row["vs_predicted"] = row["speedup"] / row["predicted"]
+            memory = {k: t.measure_memory() for k, t in trainers.items()}
+            row = {"config": name, "length": L, "documents": docs,
+                   "saved_activation_bytes": {k: m[0] for k, m in memory.items()},
+                   "peak_step_bytes": {k: m[1] for k, m in memory.items()}}
+            if not memory_only:
+                row.update(_timed_row(trainers, steps, cfgs=(base_cfg, cmoe_cfg), docs=docs, ratio=ratio, peak=peak))
             rows.append(row)
-            print(f"  {name:<10} L={L:>6}: step {med['baseline']:.2f}s -> {med['conceptmoe']:.2f}s "
-                  f"({row['speedup']:.2f}x, predicted {row['predicted']:.2f}x); MFU {100 * row['mfu']['baseline']:.0f}% / "
-                  f"{100 * row['mfu']['conceptmoe']:.0f}%", flush=True)
+            print(f"  {name:<10} L={L:>6}: " + _row_line(row), flush=True)
             del trainers
-    table = print_table(
-        ["config", "L", "base tok/s", "CMoE tok/s", "speed-up", "predicted", "% of pred", "base MFU", "CMoE MFU",
-         "base peak MB", "CMoE peak MB"],
-        [[r["config"], r["length"], r["tokens_per_s"]["baseline"], r["tokens_per_s"]["conceptmoe"],
-          f"{r['speedup']:.2f}", f"{r['predicted']:.2f}", f"{100 * r['vs_predicted']:.0f}%",
-          f"{100 * r['mfu']['baseline']:.0f}%", f"{100 * r['mfu']['conceptmoe']:.0f}%",
-          _mb(r["peak_step_bytes"]["baseline"]), _mb(r["peak_step_bytes"]["conceptmoe"])] for r in rows])
+    headers, cells = _memory_table(rows) if memory_only else _speed_table(rows)
+    table = print_table(headers, cells)
     payload = {"config": {"configs": list(configs), "lengths": lengths, "ratio": ratio, "documents_per_row": n_docs,
-                          "steps": steps, "threads": torch.get_num_threads(), "matmul_flops_per_s": peak},
+                          "steps": 0 if memory_only else steps, "threads": torch.get_num_threads(),
+                          "matmul_flops_per_s": peak, "memory_only": memory_only},
                "rows": rows, "goals": train_goals(rows), "table": table}
     return finish(payload, out, plot, lambda path: plot_train(rows, path))
+
+
+def _timed_row(trainers: dict[str, _Trainer], steps: int, cfgs, docs: Sequence[int], ratio: float,
+               peak: float) -> dict:
+    """Interleaved timed steps of both models: median step time, speed-up against the
+    FLOPs prediction, MFU."""
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    for _ in range(steps):
+        for k, t in trainers.items():
+            times[k].append(_timed(t.step))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    flops = {"baseline": training_flops(cfgs[0], docs), "conceptmoe": training_flops(cfgs[1], docs, ratio)}
+    L = sum(docs)
+    row = {"step_s": med, "samples": times, "tokens_per_s": {k: L / v for k, v in med.items()},
+           "train_flops": flops, "speedup": med["baseline"] / med["conceptmoe"],
+           "predicted": flops["baseline"] / flops["conceptmoe"], "mfu": {k: flops[k] / med[k] / peak for k in med}}
+    row["vs_predicted"] = row["speedup"] / row["predicted"]
+    return row
+
+
+def _row_line(r: dict) -> str:
+    saved, rss = r["saved_activation_bytes"], r["peak_step_bytes"]
+    line = (f"saved activations {_mb(saved['baseline'])} -> {_mb(saved['conceptmoe'])} MB, "
+            f"peak {_mb(rss['baseline'])} -> {_mb(rss['conceptmoe'])} MB")
+    if "speedup" not in r:
+        return line
+    med = r["step_s"]
+    return (f"step {med['baseline']:.2f}s -> {med['conceptmoe']:.2f}s ({r['speedup']:.2f}x, predicted "
+            f"{r['predicted']:.2f}x); MFU {100 * r['mfu']['baseline']:.0f}% / {100 * r['mfu']['conceptmoe']:.0f}%; "
+            + line)
+
+
+def _speed_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    return (["config", "L", "base tok/s", "CMoE tok/s", "speed-up", "predicted", "% of pred", "base MFU", "CMoE MFU",
+             "base saved MB", "CMoE saved MB", "base peak MB", "CMoE peak MB"],
+            [[r["config"], r["length"], r["tokens_per_s"]["baseline"], r["tokens_per_s"]["conceptmoe"],
+              f"{r['speedup']:.2f}", f"{r['predicted']:.2f}", f"{100 * r['vs_predicted']:.0f}%",
+              f"{100 * r['mfu']['baseline']:.0f}%", f"{100 * r['mfu']['conceptmoe']:.0f}%",
+              _mb(r["saved_activation_bytes"]["baseline"]), _mb(r["saved_activation_bytes"]["conceptmoe"]),
+              _mb(r["peak_step_bytes"]["baseline"]), _mb(r["peak_step_bytes"]["conceptmoe"])] for r in rows])
+
+
+def _memory_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    def per_token(r, k):
+        return f"{r['saved_activation_bytes'][k] / r['length'] / 1024:.1f}"
+
+    return (["config", "L", "base saved MB", "CMoE saved MB", "base KB/token", "CMoE KB/token",
+             "base peak MB", "CMoE peak MB"],
+            [[r["config"], r["length"], _mb(r["saved_activation_bytes"]["baseline"]),
+              _mb(r["saved_activation_bytes"]["conceptmoe"]), per_token(r, "baseline"), per_token(r, "conceptmoe"),
+              _mb(r["peak_step_bytes"]["baseline"]), _mb(r["peak_step_bytes"]["conceptmoe"])] for r in rows])
 
 
 def _mb(n: Optional[int]) -> str:
@@ -205,29 +229,38 @@ def memory_fit(lengths: Sequence[int], peaks: Sequence[float]) -> dict:
     return {"a": float(a), "b": float(b), "c": float(c), "quadratic_share": share}
 
 
+# Row key -> (goal key prefix, words in the goal line).
+MEMORY_MEASURES = {"peak_step_bytes": ("memory_linear", "peak memory"),
+                   "saved_activation_bytes": ("saved_linear", "saved activations")}
+
+
 def train_goals(rows: list[dict]) -> dict:
     """Issue 20's goals: speed-up >= 90% of predicted at L >= 4k; peak memory linear in L
-    (quadratic term < 10% of the peak at the longest length); the efficiency baseline at
-    >= 40% MFU at 4k."""
+    (quadratic term < 10% of the peak at the longest length; the saved-activation bytes
+    are fitted the same way); the efficiency baseline at >= 40% MFU at 4k. Rows without
+    timing (memory only) check the memory goal alone."""
     lines, met = [], {}
-    bad = [f"{r['config']} L={r['length']}: {100 * r['vs_predicted']:.0f}%" for r in rows
-           if r["length"] >= 4096 and r["vs_predicted"] < 0.9]
-    long = [r for r in rows if r["length"] >= 4096]
-    met["speedup_90pct"] = (not bad) if long else None
-    lines.append("goal speed-up >= 90% of predicted at L >= 4k: "
-                 + ("not measured" if not long else "met" if not bad else "MISSED (" + "; ".join(bad) + ")"))
+    timed = [r for r in rows if "speedup" in r]
+    if timed:
+        bad = [f"{r['config']} L={r['length']}: {100 * r['vs_predicted']:.0f}%" for r in timed
+               if r["length"] >= 4096 and r["vs_predicted"] < 0.9]
+        long = [r for r in timed if r["length"] >= 4096]
+        met["speedup_90pct"] = (not bad) if long else None
+        lines.append("goal speed-up >= 90% of predicted at L >= 4k: "
+                     + ("not measured" if not long else "met" if not bad else "MISSED (" + "; ".join(bad) + ")"))
     for name in sorted({r["config"] for r in rows}):
-        rs = [r for r in rows if r["config"] == name and r["peak_step_bytes"]["baseline"] is not None]
-        if len(rs) < 3:
-            continue
-        for k in ("baseline", "conceptmoe"):
-            fit = memory_fit([r["length"] for r in rs], [r["peak_step_bytes"][k] for r in rs])
-            ok = fit["quadratic_share"] < 0.10
-            met[f"memory_linear/{name}/{k}"] = ok
-            lines.append(f"goal peak memory linear in L ({name} {k}): quadratic term "
-                         f"{100 * fit['quadratic_share']:.1f}% of the peak at {rs[-1]['length']} "
-                         f"{'met' if ok else 'MISSED'}")
-    at4k = [r for r in rows if r["config"] == "efficiency" and r["length"] == 4096]
+        for measure, (key, what) in MEMORY_MEASURES.items():
+            rs = [r for r in rows if r["config"] == name and r.get(measure, {}).get("baseline") is not None]
+            if len(rs) < 3:
+                continue
+            for k in ("baseline", "conceptmoe"):
+                fit = memory_fit([r["length"] for r in rs], [r[measure][k] for r in rs])
+                ok = fit["quadratic_share"] < 0.10
+                met[f"{key}/{name}/{k}"] = ok
+                lines.append(f"goal {what} linear in L ({name} {k}): quadratic term "
+                             f"{100 * fit['quadratic_share']:.1f}% of it at {rs[-1]['length']} "
+                             f"{'met' if ok else 'MISSED'}")
+    at4k = [r for r in timed if r["config"] == "efficiency" and r["length"] == 4096]
     if at4k:
         m = at4k[0]["mfu"]["baseline"]
         met["mfu_40pct_4k"] = m >= 0.4
@@ -236,24 +269,31 @@ def train_goals(rows: list[dict]) -> dict:
 
 
 def plot_train(rows: list[dict], path: str) -> None:
-    """Measured (solid) vs predicted (dashed) speed-up, and peak step memory, against L."""
+    """Measured (solid) vs predicted (dashed) speed-up where timed, then peak step memory
+    and saved-activation bytes, against L."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    timed = all("speedup" in r for r in rows)
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(16 if timed else 11, 4.2))
+    ax_mem = axes[-2:]
     for i, name in enumerate(sorted({r["config"] for r in rows})):
         rs = [r for r in rows if r["config"] == name]
         x = [r["length"] for r in rs]
-        ax1.plot(x, [r["speedup"] for r in rs], "o-", color=f"C{i}", label=f"{name} measured")
-        ax1.plot(x, [r["predicted"] for r in rs], "--", color=f"C{i}", alpha=0.7, label=f"{name} predicted")
-        for k, style in (("baseline", "s:"), ("conceptmoe", "o-")):
-            y = [r["peak_step_bytes"][k] for r in rs]
-            if all(v is not None for v in y):
-                ax2.plot(x, [v / 2**20 for v in y], style, color=f"C{i}", label=f"{name} {k}")
-    for ax, title, ylabel in ((ax1, "training step speed-up over the MoE", "speed-up"),
-                              (ax2, "peak memory of one step", "MB above the step's start")):
+        if timed:
+            axes[0].plot(x, [r["speedup"] for r in rs], "o-", color=f"C{i}", label=f"{name} measured")
+            axes[0].plot(x, [r["predicted"] for r in rs], "--", color=f"C{i}", alpha=0.7, label=f"{name} predicted")
+        for ax, measure in zip(ax_mem, MEMORY_MEASURES):
+            for k, style in (("baseline", "s:"), ("conceptmoe", "o-")):
+                y = [r[measure][k] for r in rs]
+                if all(v is not None for v in y):
+                    ax.plot(x, [v / 2**20 for v in y], style, color=f"C{i}", label=f"{name} {k}")
+    titles = ([("training step speed-up over the MoE", "speed-up")] if timed else []) + [
+        ("peak RSS of one step (after the first)", "MB above the step's start"),
+        ("bytes saved for backward (exact)", "MB")]
+    for ax, (title, ylabel) in zip(axes, titles):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("row length (tokens)")
         ax.set_ylabel(ylabel)
@@ -269,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
     lengths = (512, 1024) if args.quick else [_parse_length(s) for s in args.lengths]
     run_train_bench(configs=["tiny"] if args.quick else args.configs, lengths=lengths, ratio=args.ratio,
                     n_docs=args.docs, steps=2 if args.quick else args.steps, threads=args.threads, seed=args.seed,
-                    out=args.out, plot=args.plot)
+                    out=args.out, plot=args.plot, memory_only=args.memory_only)
     return 0
 
 
@@ -283,6 +323,8 @@ def register_bench(bench_subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per model (after one warm-up step)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny config, lengths 512 1024, 2 steps")
+    p.add_argument("--memory-only", action="store_true",
+                   help="measure saved-activation bytes and peak RSS only (no timed steps, no MFU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench/train.json")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")

@@ -47,3 +47,16 @@ def test_quick_form_runs_and_writes_json(tmp_path):
         assert r["speedup"] == pytest.approx(r["step_s"]["baseline"] / r["step_s"]["conceptmoe"])
         assert r["predicted"] == pytest.approx(r["train_flops"]["baseline"] / r["train_flops"]["conceptmoe"])
         assert sum(r["documents"]) == r["length"] and r["predicted"] > 1
+        assert r["saved_activation_bytes"]["baseline"] > 0
+
+
+def test_memory_only_form_measures_memory_without_timing(tmp_path):
+    payload = run_train_bench(["tiny"], lengths=[128, 192, 256], n_docs=2, out=str(tmp_path / "m.json"),
+                              memory_only=True)
+    assert (tmp_path / "m.png").is_file() and payload["config"]["memory_only"]
+    for r in payload["rows"]:
+        assert "speedup" not in r and "step_s" not in r
+        saved = r["saved_activation_bytes"]
+        assert 0 < saved["conceptmoe"] < saved["baseline"]  # R = 2 halves the concept layers' activations
+    met = payload["goals"]["met"]
+    assert "speedup_90pct" not in met and {"saved_linear/tiny/baseline", "saved_linear/tiny/conceptmoe"} <= set(met)
