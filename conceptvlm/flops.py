@@ -277,31 +277,59 @@ def decode_step_flops(cfg: ModelConfig, context: int, ratio: Optional[float] = N
     return linear_flops_per_token(cfg, R)["all"] + att
 
 
+def expected_active_experts(n_experts: int, top_k: int, tokens: float) -> float:
+    """Distinct experts one MoE layer reads for ``tokens`` tokens in one call:
+    ``E * (1 - (1 - k/E)^tokens)``, the expectation when every token picks its top-k
+    independently and uniformly (``k`` at one token, towards ``E`` as the batch grows).
+    A trained router is neither uniform nor independent; this is the load-balanced case."""
+    if tokens <= 0:
+        return 0.0
+    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
+
+
+def _weights_read(stage: dict, n_experts: int, top_k: int, tokens: float) -> float:
+    """Matmul parameters a stage reads in one call over ``tokens`` tokens: every weight
+    but the routed experts once, and each expert some token activates once (the
+    embedding is a lookup: one row per token, not counted)."""
+    once = sum(v for p, v in stage["activated"].items() if p not in ("embedding", "experts"))
+    return once + stage["total"]["experts"] * expected_active_experts(n_experts, top_k, tokens) / n_experts
+
+
 def decode_step_bytes(cfg: ModelConfig, context: int, ratio: Optional[float] = None,
-                      dtype_bytes: int = 4) -> dict[str, float]:
-    """Average bytes read per decode step (batch 1): the activated weights (concept-model
-    weights on a ``1/R`` share of the steps, once per loop) and the KV cache of every
-    layer that runs (concept layers hold ``context/R`` entries)."""
+                      dtype_bytes: int = 4, batch: int = 1) -> dict[str, float]:
+    """Average bytes read per decode step of ``batch`` rows at ``context`` cached tokens each.
+
+    Weights are read once per step for the whole batch: every matmul weight of the
+    token-level layers and head, and the routed experts some row activates
+    (:func:`expected_active_experts`). The concept model runs for the rows that start a
+    concept; with the rows' boundaries spread evenly over the period (the benchmark
+    staggers them) that is ``b/R`` rows on a ``min(1, b/R)`` share of the steps (batch 1:
+    one row on ``1/R`` of the steps), its layers once per loop. The KV cache is read per
+    row by every layer that runs for it (concept layers hold ``context/R`` entries)."""
     R = effective_ratio(cfg, ratio)
     st = _stages(cfg)
-    matmul = lambda d: sum(v for p, v in d.items() if p != "embedding")  # noqa: E731 (one row is read)
-    w = matmul(st["token"]["activated"])
-    w += (cfg.concept.loops * matmul(st["concept_layers"]["activated"]) + matmul(st["concept_io"]["activated"])) / R
-    kv = kv_cache_bytes(cfg, context, R, dtype_bytes, concepts=context / R)
+    E = cfg.moe.n_experts
+    share = min(1.0, batch / R)  # steps on which some row starts a concept
+    rows = batch / (R * share)  # rows that start one on such a step
+    w = _weights_read(st["token"], E, cfg.moe.top_k, batch)
+    w += share * (cfg.concept.loops * _weights_read(st["concept_layers"], E, cfg.concept_top_k, rows)
+                  + _weights_read(st["concept_io"], E, cfg.concept_top_k, rows))
+    kv = kv_cache_bytes(cfg, context, R, dtype_bytes, batch=batch, concepts=context / R)
     kv_read = kv["encoder"] + kv["decoder"] + kv["concept"] / R
     return {"weights": w * dtype_bytes, "kv": kv_read, "all": w * dtype_bytes + kv_read}
 
 
 def predicted_speedups(baseline: ModelConfig, concept: ModelConfig, length: int, ratio: float,
-                       dtype_bytes: int = 4) -> dict[str, float]:
-    """Predicted ConceptMoE speedups over the baseline at ``length``: prefill from FLOPs,
-    decode from bytes moved per step, and the KV-cache reductions."""
+                       dtype_bytes: int = 4, batch: int = 1) -> dict[str, float]:
+    """Predicted ConceptMoE speedups over the baseline at ``length``: prefill (batch 1)
+    from FLOPs, decode of ``batch`` rows from bytes moved per step, and the KV-cache
+    reductions."""
     kb, kc = kv_cache_bytes(baseline, length, dtype_bytes=dtype_bytes), kv_cache_bytes(concept, length, ratio,
                                                                                       dtype_bytes)
     return {
         "prefill": prefill_flops(baseline, length)["all"] / prefill_flops(concept, length, ratio)["all"],
-        "decode": decode_step_bytes(baseline, length, dtype_bytes=dtype_bytes)["all"]
-        / decode_step_bytes(concept, length, ratio, dtype_bytes)["all"],
+        "decode": decode_step_bytes(baseline, length, dtype_bytes=dtype_bytes, batch=batch)["all"]
+        / decode_step_bytes(concept, length, ratio, dtype_bytes, batch=batch)["all"],
         "decode_flops": decode_step_flops(baseline, length) / decode_step_flops(concept, length, ratio),
         "kv_concept_model": kb["concept"] / max(kc["concept"], 1),
         "kv_total": kb["total"] / max(kc["total"], 1),
