@@ -27,6 +27,7 @@ CASES = [
     ("bench moe --model-config {tmp}/missing.yaml", "model config not found"),
     ("bench data --kind nonsense --num 2", "unknown kind"),
     ("bench inference --lengths abc", "'abc' is not a length"),
+    ("bench inference --lengths 64 --batch 0", "--batch: batch sizes must be >= 1"),
     ("bench train --lengths abc", "'abc' is not a length"),
     ("experiment run no_such_experiment", "unknown experiment"),
     ("experiment rescore no_such_experiment", "unknown experiment"),

@@ -1,15 +1,13 @@
 """Compute accounting (conceptvlm.flops) against real models, and the inference bench's plumbing."""
 import argparse
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from conceptvlm import ConceptMoE, ModelConfig
 from conceptvlm.flops import (PARTS, STRATEGIES, attention_map_flops, baseline_of, built_parameter_counts,
-                              fixed_router_concepts, kv_cache_bytes, linear_flops_per_token, match_compute,
-                              parameter_counts, predicted_speedups)
+                              decode_step_bytes, expected_active_experts, fixed_router_concepts, kv_cache_bytes,
+                              linear_flops_per_token, match_compute, parameter_counts, predicted_speedups)
 from helpers import tiny_config
 
 VARIANTS = {
@@ -150,9 +148,40 @@ def test_paper_scale_configs_land_on_the_stated_totals(repo_root, name, total):
     assert abs(fc / fb - 1) < 0.02
 
 
-def test_cli_registration_and_inference_bench_smoke(tmp_path, repo_root, capsys):
+def test_decode_bytes_at_a_batch_by_hand():
+    """Width 256, 24 layers, top-2 of 8, float32, 1000 cached tokens per row. Per layer:
+    attention 256*256 + 2*256*64 + 256*256 = 163840, MoE router 256*8 = 2048, norms 512,
+    one expert 3*256*512 = 393216; head 512*256 + final norm 256; KV 2*2*32*4 = 512 bytes
+    per token and layer. The efficiency model's decoder adds the joint projectors
+    (256*256 + 2*256*64 = 98304) and a norm (256)."""
+    base = headline_baseline()
+    eff = ModelConfig.from_dict({**base.to_dict(), "chunk": {"router": "fixed", "target_ratio_text": 2.0},
+                                 "joint_decoding": True})
+    layer, expert, head, L = 163840 + 2048 + 512, 393216, 512 * 256 + 256, 1000
+    # batch 1 is the one-token model: top-2 experts per layer, every layer's KV cache
+    b1 = decode_step_bytes(base, L)
+    assert b1 == decode_step_bytes(base, L, batch=1)
+    assert b1["weights"] == 4 * (24 * (layer + 2 * expert) + head) and b1["kv"] == 24 * 512 * L
+    e1 = decode_step_bytes(eff, L, 2.0)
+    tok = 2 * layer + 98304 + 256 + head
+    assert e1["weights"] == pytest.approx(4 * (tok + 2 * 2 * expert + 22 * (layer + 2 * expert) / 2))
+    assert e1["kv"] == pytest.approx(2 * 512 * L + 22 * 512 * (L / 2) / 2)
+    # batch 8: expected distinct experts 8 * (1 - (6/8)^8) per token layer; the concept
+    # model runs every step for the 4 rows that start a concept (8 * (1 - (6/8)^4) experts),
+    # each reading its own half-length concept cache
+    b8, e8 = decode_step_bytes(base, L, batch=8), decode_step_bytes(eff, L, 2.0, batch=8)
+    assert b8["weights"] == pytest.approx(4 * (24 * (layer + 8 * (1 - 0.75 ** 8) * expert) + head))
+    assert b8["kv"] == 8 * 24 * 512 * L
+    assert e8["weights"] == pytest.approx(4 * (tok + 2 * 8 * (1 - 0.75 ** 8) * expert
+                                               + 22 * (layer + 8 * (1 - 0.75 ** 4) * expert)))
+    assert e8["kv"] == pytest.approx(8 * 2 * 512 * L + 4 * 22 * 512 * (L / 2))
+    assert predicted_speedups(base, eff, L, 2.0, batch=8)["decode"] == pytest.approx(b8["all"] / e8["all"])
+    assert expected_active_experts(8, 2, 1) == 2 and expected_active_experts(8, 2, 10 ** 4) == pytest.approx(8)
+
+
+def test_cli_registration(repo_root, capsys):
     from conceptvlm.bench.flops import print_accounting, register
-    from conceptvlm.bench.inference import BenchModel, register_bench, run_inference_bench
+    from conceptvlm.bench.inference import register_bench
 
     report = print_accounting(str(repo_root / "configs/model/tiny.yaml"), 2.0, "topk", lengths=(64,))
     assert report["meta_device_total"] == report["concept"]["total"] and "compute match topk" in capsys.readouterr().out
@@ -165,20 +194,7 @@ def test_cli_registration_and_inference_bench_smoke(tmp_path, repo_root, capsys)
     a = parser.parse_args(["flops", "--config", "x.yaml", "--ratio", "2", "--match", "loops"])
     assert a.ratio == 2.0 and a.match == "loops" and callable(a.func)
     a = parser.parse_args(["bench", "inference", "--lengths", "1k", "2k", "--quick"])
-    assert a.quick and a.lengths == ["1k", "2k"]
+    assert a.quick and a.lengths == ["1k", "2k"] and a.batch == [1] and a.repeats == 3
+    a = parser.parse_args(["bench", "inference", "--batch", "1", "8", "32"])
+    assert a.batch == [1, 8, 32] and a.decode_steps == 200
 
-    spec = BenchModel(d_model=32, n_heads=4, n_kv_heads=2, n_layers=4, n_experts=4, top_k=2, expert_hidden=32,
-                      vocab_size=64)
-    out = tmp_path / "inf.json"
-    threads = torch.get_num_threads()
-    try:  # one thread: on a shared 2-core machine tiny ops in a 2-thread pool wait on busy cores
-        res = run_inference_bench(lengths=(24, 48), ratios=(1.5, 2.0), decode_steps=6, model=spec, out=str(out),
-                                  threads=1)
-    finally:
-        torch.set_num_threads(threads)
-    data = json.loads(out.read_text())
-    assert out.with_suffix(".png").is_file() and len(data["results"]) == 2 * 2 * 2
-    for r in res["results"]:
-        assert r["kv_bytes"] == {k: int(v) for k, v in r["kv_bytes_predicted"].items()}
-        assert r["kv_concept_reduction"] == pytest.approx(r["length"] / fixed_router_concepts(r["length"], r["ratio"]))
-        assert r["prefill_speedup"] > 0 and r["decode_speedup"] > 0
