@@ -393,7 +393,8 @@ def plot_results(pre_rows: list[dict], dec_rows: list[dict], path: str) -> None:
                    [r[kind + "_speedup_q75"] - v for v, r in zip(y, rs)]]
             label = f"{variant} R={R:g}" + (f" batch {b}" if kind == "decode" else "")
             ax.errorbar(x, y, yerr=err, fmt="o-", color=f"C{i}", capsize=3, label=label + " measured")
-            ax.plot(x, [r[kind + "_predicted"] for r in rs], "--", color=f"C{i}", alpha=0.7, label=label + " predicted")
+            ax.plot(x, [r[kind + "_predicted"] for r in rs], "x--", color=f"C{i}", alpha=0.7,
+                    label=label + " predicted")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
