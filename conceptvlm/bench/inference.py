@@ -180,14 +180,13 @@ def _prefill_row(key, cfg, base_cfg, L: int, base_s: list[float], s: list[float]
     variant, R = key
     pred = predicted_speedups(base_cfg, cfg, L, R, dtype_bytes=4)["prefill"]
     ratio = spread([a / b for a, b in zip(base_s, s)])  # adjacent calls: the same moment
-    row = {"variant": variant, "ratio": R, "length": L,
-           "prefill_s_baseline": spread(base_s)["median"], "prefill_s": spread(s)["median"],
-           "prefill_speedup": ratio["median"], "prefill_speedup_q25": ratio["q25"],
-           "prefill_speedup_q75": ratio["q75"], "prefill_iqr_rel": ratio["iqr_rel"], "prefill_predicted": pred,
-           "prefill_vs_predicted": ratio["median"] / pred, "prefill_s_samples_baseline": base_s,
-           "prefill_s_samples": s, "prefill_flops": prefill_flops(cfg, L, R)["all"],
-           "prefill_flops_baseline": prefill_flops(base_cfg, L)["all"]}
-    return row
+    return {"variant": variant, "ratio": R, "length": L,
+            "prefill_s_baseline": spread(base_s)["median"], "prefill_s": spread(s)["median"],
+            "prefill_speedup": ratio["median"], "prefill_speedup_q25": ratio["q25"],
+            "prefill_speedup_q75": ratio["q75"], "prefill_iqr_rel": ratio["iqr_rel"], "prefill_predicted": pred,
+            "prefill_vs_predicted": ratio["median"] / pred, "prefill_s_samples_baseline": base_s,
+            "prefill_s_samples": s, "prefill_flops": prefill_flops(cfg, L, R)["all"],
+            "prefill_flops_baseline": prefill_flops(base_cfg, L)["all"]}
 
 
 def _decode_row(key, cfg, base_cfg, L: int, batch: int, base_s: list[float], s: list[float],
