@@ -19,11 +19,11 @@ boundary period):
   round robin, each step timed alone; the ratio is the median of the per-period ratios
   with their interquartile range; tokens/s = ``b x period`` over the median period time.
 
-Batched rows have different concept boundaries (:func:`staggered_modality`), as in
-serving, where rows start concepts at different steps and the concept model runs for
-some rows only. The ``period`` distinct rows are prefilled once and tiled to ``b`` rows
-with ``InferenceState.select`` (prefilling 32 rows of 16k tokens on a CPU would take far
-longer than the decode it prepares); an engine without it prefills every row.
+Batched rows have different concept boundaries (:func:`decode_states`), as in serving,
+where rows start concepts at different steps and the concept model runs for some rows
+only: ``period`` prompts of ``L - i`` tokens (right-padded, one prefill) are tiled to
+``b`` rows with ``InferenceState.select`` (prefilling 32 rows of 16k tokens on a CPU would
+take far longer than the decode it prepares).
 
 Beside each measured ratio the predicted one: prefill from FLOPs, decode from bytes moved
 per step at that batch (:func:`conceptvlm.flops.decode_step_bytes`: weights once per step
@@ -86,41 +86,6 @@ def _parse_length(s: str) -> int:
         raise ValueError(f"--lengths: {s!r} is not a length (e.g. 4096 or 4k)") from None
 
 
-def staggered_modality(batch: int, length: int, period: int) -> torch.Tensor:
-    """Modality ``[batch, length]`` that staggers the rows' concept boundaries.
-
-    Row ``b``'s first ``b mod period`` tokens are tagged as image patches: the modality
-    change forces a boundary there, so the fixed router's boundaries of row ``b`` fall
-    ``b mod period`` tokens later than row 0's, and in each decode step a different
-    subset of rows starts a concept. Every row keeps ``length`` real tokens of one
-    document, so the token-level caches hold no padding (the baseline, router ``none``,
-    makes every token a concept whatever the modality)."""
-    from ..chunk import IMAGE, TEXT
-
-    shift_B1 = (torch.arange(batch) % period)[:, None]
-    return torch.where(torch.arange(length)[None, :] < shift_B1, IMAGE, TEXT)
-
-
-def can_tile() -> bool:
-    """Whether the engine's state can be index-selected into a larger batch."""
-    from ..decoding_state import InferenceState
-
-    return callable(getattr(InferenceState, "select", None))
-
-
-def batch_state(model, ids_BL: torch.Tensor, batch: int, period: int):
-    """The decoding state of ``batch`` staggered rows after the prompts ``ids_BL[:batch]``:
-    ``min(batch, period)`` distinct rows prefilled in one call and tiled (row ``b`` is a
-    copy of row ``b mod period``), or all rows prefilled where the state cannot tile."""
-    n = min(batch, period) if can_tile() else batch
-    ids = ids_BL[:n]
-    with torch.inference_mode():
-        state = model(ids, modality=staggered_modality(n, ids.shape[1], period), use_cache=True).state
-        if n < batch:
-            state = state.select(torch.arange(batch) % n)
-    return state
-
-
 def _configs(base_cfg, ratios: Sequence[float], variants: Sequence[str], match: str) -> tuple[dict, dict]:
     """``{(variant, R): config}`` with the baseline at ``("baseline", 1.0)``, and the
     compute match found for each R."""
@@ -158,15 +123,30 @@ def measure_prefill(models: dict, ids_1L: torch.Tensor, repeats: int, clock: Cal
     return round_robin({k: prefill(k) for k in models}, repeats, clock), last
 
 
-def measure_decode(models: dict, states: dict, ids_BT: torch.Tensor, start: int, warm: int, steps: int,
+def decode_states(models: dict, ids_BT: torch.Tensor, length: int, batch: int, period: int
+                  ) -> tuple[dict, torch.Tensor]:
+    """Each model's state of ``batch`` rows whose concept boundaries fall at different steps
+    (:func:`.decode_profile.staggered_state`: ``period`` prompts of ``length - i`` tokens,
+    tiled), and the ``[batch, T]`` tokens each row decodes next."""
+    from .decode_profile import staggered_state
+
+    states = {}
+    with torch.inference_mode():
+        for key, model in models.items():
+            states[key], next_at_B = staggered_state(model, ids_BT, length, batch, period)
+    t_BT = next_at_B[:, None] + torch.arange(ids_BT.shape[1] - length)
+    return states, ids_BT[:batch].gather(1, t_BT)
+
+
+def measure_decode(models: dict, states: dict, next_BT: torch.Tensor, warm: int, steps: int,
                    clock: Callable[[], float]) -> dict[tuple, list[float]]:
-    """Seconds of each of ``steps`` single-token steps per model (``ids_BT[:, start + i]``
+    """Seconds of each of ``steps`` single-token steps per model (tokens ``next_BT[:, i]``
     after ``warm`` untimed ones), round robin; ``states`` advance in place."""
     def step(key, offset):
         def call(i: int) -> None:
-            t = start + offset + i
+            t = offset + i
             with torch.inference_mode():
-                states[key] = models[key](ids_BT[:, t:t + 1], state=states[key]).state
+                states[key] = models[key](next_BT[:, t:t + 1], state=states[key]).state
         return call
 
     round_robin({k: step(k, 0) for k in models}, warm, clock)
@@ -256,13 +236,12 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
             o = models[key](torch.zeros(1, 64, dtype=torch.long), use_cache=True)
             for _ in range(3):
                 o = models[key](torch.zeros(1, 1, dtype=torch.long), state=o.state)
-    tiled = can_tile()
     print(f"bench inference: width {spec.d_model}, {spec.n_layers} layers (1 enc + {spec.n_layers - 2} concept + "
           f"1 dec), {spec.n_experts} experts top-{spec.top_k} (hidden {spec.expert_hidden}), heads "
           f"{spec.n_heads}/{spec.n_kv_heads} kv, vocab {spec.vocab_size}; float32, {torch.get_num_threads()} "
           f"threads, {clock} clock; models interleaved: prefill {repeats} repeats (batch 1), decode {warm} warm-up + "
           f"{decode_steps} timed steps at batch {' '.join(map(str, batches))} (rows staggered over a period of "
-          f"{period}, {'tiled' if tiled else 'each prefilled'})", flush=True)
+          f"{period})", flush=True)
     for R, m in matches.items():
         print(f"  matched at R={R:g} ({m['strategy']}): {m['knob']}, linear FLOPs {m['flops_mismatch_pct']:+.1f}%, "
               f"total params {m['params_mismatch_pct']:+.2f}%", flush=True)
@@ -286,10 +265,13 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
                       f"{r['prefill_speedup_q25']:.2f}-{r['prefill_speedup_q75']:.2f}, pred "
                       f"{r['prefill_predicted']:.2f}x)", flush=True)
         for b in batches:
-            states, last = (last, {}) if b == 1 else ({}, {})  # batch 1 decodes from the last prefill
-            states = states or {k: batch_state(m, ids[:, :L], b, period) for k, m in models.items()}
+            if b == 1:  # batch 1 decodes from the last prefill
+                states, last, next_BT = last, {}, ids[:1, L:]
+            else:
+                last = {}
+                states, next_BT = decode_states(models, ids, L, b, period)
             kv = {k: st.kv_bytes() for k, st in states.items()}
-            times = measure_decode(models, states, ids[:b], L, warm, decode_steps, clk)
+            times = measure_decode(models, states, next_BT, warm, decode_steps, clk)
             del states
             for key in models:
                 if key == base_key:
@@ -308,7 +290,7 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
         print(f"skipped lengths (time budget {budget_s}s): {skipped}")
     payload = {"config": {"model": spec.__dict__, "lengths": lengths, "ratios": list(ratios), "batches": batches,
                           "decode_steps": decode_steps, "warm_steps": warm, "repeats": repeats, "period": period,
-                          "rows_tiled": tiled, "variants": list(variants), "match": matches,
+                          "variants": list(variants), "match": matches,
                           "threads": torch.get_num_threads(), "clock": clock, "skipped_lengths": skipped,
                           "method": "interleaved: median and IQR of per-repeat prefill ratios and of per-period "
                                     "decode ratios (conceptvlm.bench.interleave)"},
