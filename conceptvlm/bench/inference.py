@@ -124,29 +124,35 @@ def measure_prefill(models: dict, ids_1L: torch.Tensor, repeats: int, clock: Cal
 
 
 def decode_states(models: dict, ids_BT: torch.Tensor, length: int, batch: int, period: int
-                  ) -> tuple[dict, torch.Tensor]:
+                  ) -> tuple[dict, dict]:
     """Each model's state of ``batch`` rows whose concept boundaries fall at different steps
     (:func:`.decode_profile.staggered_state`: ``period`` prompts of ``length - i`` tokens,
-    tiled), and the ``[batch, T]`` tokens each row decodes next."""
+    tiled), and per model the ``[batch, T]`` tokens each row decodes next.
+
+    The baseline (router ``none``: every token a concept) has nothing to stagger: its rows
+    all hold ``length`` tokens, so its caches stay even and its steps need no mask (the
+    comparison gives it its best case)."""
     from .decode_profile import staggered_state
 
-    states = {}
+    states, next_BT = {}, {}
     with torch.inference_mode():
         for key, model in models.items():
-            states[key], next_at_B = staggered_state(model, ids_BT, length, batch, period)
-    t_BT = next_at_B[:, None] + torch.arange(ids_BT.shape[1] - length)
-    return states, ids_BT[:batch].gather(1, t_BT)
+            stagger = 1 if model.config.chunk.router == "none" else period
+            states[key], next_at_B = staggered_state(model, ids_BT, length, batch, stagger)
+            t_BT = next_at_B[:, None] + torch.arange(ids_BT.shape[1] - length)
+            next_BT[key] = ids_BT[:batch].gather(1, t_BT)
+    return states, next_BT
 
 
-def measure_decode(models: dict, states: dict, next_BT: torch.Tensor, warm: int, steps: int,
+def measure_decode(models: dict, states: dict, next_BT: dict, warm: int, steps: int,
                    clock: Callable[[], float]) -> dict[tuple, list[float]]:
-    """Seconds of each of ``steps`` single-token steps per model (tokens ``next_BT[:, i]``
+    """Seconds of each of ``steps`` single-token steps per model (tokens ``next_BT[key][:, i]``
     after ``warm`` untimed ones), round robin; ``states`` advance in place."""
     def step(key, offset):
         def call(i: int) -> None:
             t = offset + i
             with torch.inference_mode():
-                states[key] = models[key](next_BT[:, t:t + 1], state=states[key]).state
+                states[key] = models[key](next_BT[key][:, t:t + 1], state=states[key]).state
         return call
 
     round_robin({k: step(k, 0) for k in models}, warm, clock)
@@ -266,7 +272,7 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
                       f"{r['prefill_predicted']:.2f}x)", flush=True)
         for b in batches:
             if b == 1:  # batch 1 decodes from the last prefill
-                states, last, next_BT = last, {}, ids[:1, L:]
+                states, last, next_BT = last, {}, {k: ids[:1, L:] for k in models}
             else:
                 last = {}
                 states, next_BT = decode_states(models, ids, L, b, period)
