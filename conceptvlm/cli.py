@@ -114,7 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args([a for a in argv if a != "--debug"])
+    try:
+        args = parser.parse_args([a for a in argv if a != "--debug"])
+    except SystemExit as e:  # --help / --version (0) or a usage error already printed (2)
+        return int(e.code or 0)
     if not debug:
         from .quiet import quiet_library_warnings
 
@@ -127,6 +130,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, like every other bad input (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import cli as eval_cli
     from .eval import suites as eval_suites
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="conceptvlm", description="ConceptVLM: vision-language MoE models whose language backbone runs on concepts")
     parser.add_argument("--version", action="version", version=f"conceptvlm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")

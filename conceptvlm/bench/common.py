@@ -20,6 +20,33 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
     return statistics.median(samples)
 
 
+def parse_length(s: str) -> int:
+    """A length on the command line: ``4096`` or ``4k`` (an argparse ``type``)."""
+    import argparse
+
+    t = s.strip().lower()
+    try:
+        n = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a length (e.g. 4096 or 4k)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive length")
+    return n
+
+
+def positive_int(s: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    import argparse
+
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} must be at least 1")
+    return n
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Plain-text table (also returned, for reports)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]

@@ -17,8 +17,8 @@ from collections import Counter
 
 import torch
 
-from .common import print_table, write_result
-from .inference import BenchModel, _parse_length
+from .common import parse_length, print_table, write_result
+from .inference import BenchModel
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
 
@@ -107,7 +107,7 @@ def run_decode_profile(length: int = 4096, batches=(1, 8), ratio: float = 2.0, s
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_decode_profile(length=_parse_length(args.length), batches=args.batch, ratio=args.ratio, steps=args.steps,
+    run_decode_profile(length=args.length, batches=args.batch, ratio=args.ratio, steps=args.steps,
                        threads=args.threads, out=args.out)
     return 0
 
@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 def register_bench(bench_subparsers: "argparse._SubParsersAction") -> None:
     """Add ``decode-profile`` to the ``bench`` command's subparsers."""
     p = bench_subparsers.add_parser("decode-profile", help="ops, host syncs and time per decode step (torch.profiler)")
-    p.add_argument("--length", default="4k", help="prefill length (e.g. 4k)")
+    p.add_argument("--length", type=parse_length, default=4096, help="prefill length (e.g. 4096 or 4k)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--ratio", type=float, default=2.0)
     p.add_argument("--steps", type=int, default=20)

@@ -43,7 +43,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .common import finish, print_table
+from .common import finish, parse_length, print_table
 from .interleave import period_ratios, period_sums, round_robin, spread
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
@@ -76,14 +76,6 @@ class BenchModel:
 def _period(R: float) -> int:
     """Tokens after which the fixed router's boundary pattern repeats."""
     return Fraction(R).limit_denominator(64).numerator
-
-
-def _parse_length(s: str) -> int:
-    t = s.strip().lower()
-    try:
-        return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
-    except ValueError:
-        raise ValueError(f"--lengths: {s!r} is not a length (e.g. 4096 or 4k)") from None
 
 
 def _configs(base_cfg, ratios: Sequence[float], variants: Sequence[str], match: str) -> tuple[dict, dict]:
@@ -397,7 +389,7 @@ def plot_results(pre_rows: list[dict], dec_rows: list[dict], path: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     spec = BenchModel(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads, n_layers=args.layers,
                       n_experts=args.experts, top_k=args.top_k, expert_hidden=args.expert_hidden, vocab_size=args.vocab)
-    run_inference_bench(lengths=[_parse_length(s) for s in args.lengths], ratios=args.ratios,
+    run_inference_bench(lengths=args.lengths, ratios=args.ratios,
                         decode_steps=args.decode_steps, variants=args.variants, match=args.match, model=spec,
                         threads=args.threads, repeats=args.repeats, batches=args.batch, budget_s=args.budget_s,
                         quick=args.quick, out=args.out, plot=args.plot, seed=args.seed, clock=args.clock)
@@ -407,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
 def register_bench(bench_subparsers: "argparse._SubParsersAction") -> None:
     """Add ``inference`` to the ``bench`` command's subparsers."""
     p = bench_subparsers.add_parser("inference", help="prefill latency and decode tokens/s: ConceptMoE vs MoE")
-    p.add_argument("--lengths", nargs="+", default=[str(L) for L in DEFAULT_LENGTHS],
+    p.add_argument("--lengths", nargs="+", type=parse_length, default=list(DEFAULT_LENGTHS),
                    help="context lengths (e.g. 1k 2k 4k 8k 16k)")
     p.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2.0])
     p.add_argument("--decode-steps", type=int, default=200,

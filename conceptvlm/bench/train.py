@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .common import finish, print_table
-from .inference import BenchModel, _parse_length
+from .common import finish, parse_length, positive_int, print_table
+from .inference import BenchModel
 from .step_memory import SavedActivations, step_peak_rss
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384)
@@ -307,7 +307,7 @@ def plot_train(rows: list[dict], path: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    lengths = (512, 1024) if args.quick else [_parse_length(s) for s in args.lengths]
+    lengths = (512, 1024) if args.quick else args.lengths
     run_train_bench(configs=["tiny"] if args.quick else args.configs, lengths=lengths, ratio=args.ratio,
                     n_docs=args.docs, steps=2 if args.quick else args.steps, threads=args.threads, seed=args.seed,
                     out=args.out, plot=args.plot, memory_only=args.memory_only)
@@ -318,10 +318,11 @@ def register_bench(bench_subparsers: "argparse._SubParsersAction") -> None:
     """Add ``train`` to the ``bench`` command's subparsers."""
     p = bench_subparsers.add_parser("train", help="training-step speed, memory and MFU: ConceptMoE vs MoE")
     p.add_argument("--configs", nargs="+", choices=["efficiency", "tiny"], default=["efficiency", "tiny"])
-    p.add_argument("--lengths", nargs="+", default=[str(L) for L in DEFAULT_LENGTHS], help="row lengths (2k 4k ...)")
+    p.add_argument("--lengths", nargs="+", type=parse_length, default=list(DEFAULT_LENGTHS),
+                   help="row lengths (2k 4k ...)")
     p.add_argument("--ratio", type=float, default=2.0)
-    p.add_argument("--docs", type=int, default=4, help="documents packed in each row")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model (after one warm-up step)")
+    p.add_argument("--docs", type=positive_int, default=4, help="documents packed in each row")
+    p.add_argument("--steps", type=positive_int, default=3, help="timed steps per model (after one warm-up step)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny config, lengths 512 1024, 2 steps")
     p.add_argument("--memory-only", action="store_true",
