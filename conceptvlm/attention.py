@@ -118,6 +118,14 @@ class Visibility:
     fresh: bool = True
     rows: Optional[list[tuple[int, int]]] = None  # sub-batch: (cache row, its key count) per query row
     row_masks: Optional[torch.Tensor] = None  # [len(rows), S] keys of the query's document
+    # Flat indices (b * L + t) of the valid tokens, None when all are valid: the MoE routes
+    # only these. Found here, once per stack and outside any compiled block, because the
+    # count is data-dependent (torch.compile then sees it as an input's size).
+    valid_flat: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if not self.all_valid and self.valid_flat is None:
+            self.valid_flat = torch.nonzero(self.valid.flatten()).flatten()
 
     @classmethod
     def build(cls, doc_BL: torch.Tensor, valid_BL: torch.Tensor, index: Optional[CacheIndex] = None,

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .grouped_mm import grouped_mm, grouped_mm_loop
+from .grouped_mm import grouped_mm_usable as _grouped_mm_usable  # bench moe swaps it out
 from .loss import global_mean, reduce_sums
 
 
@@ -53,27 +55,21 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-def _grouped_mm_usable(x: torch.Tensor, *ws: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        ok_dtype = x.dtype == torch.float32
-    else:
-        ok_dtype = x.dtype == torch.bfloat16
-    # 16-byte aligned row strides are required by the kernel.
-    per16 = 16 // x.element_size()
-    return ok_dtype and x.shape[0] > 0 and all(w.shape[-1] % per16 == 0 and w.shape[-2] % per16 == 0 for w in ws)
-
-
 def grouped_matmul(x_TD: torch.Tensor, w_EDH: torch.Tensor, counts_E: torch.Tensor,
                    offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x_TD`` are grouped by expert (``counts_E`` each); row group e @ w_EDH[e]."""
-    if _grouped_mm_usable(x_TD, w_EDH):
+    """Rows of ``x_TD`` are grouped by expert (``counts_E`` each); row group e @ w_EDH[e].
+
+    Under ``torch.compile`` it is the custom op :func:`.grouped_mm.grouped_mm` (the native
+    op's fake kernel is bf16/fp16 only); eager mode keeps calling the kernel directly.
+    """
+    usable = _grouped_mm_usable(x_TD, w_EDH)
+    if torch.compiler.is_compiling() and not (usable and x_TD.dtype in (torch.bfloat16, torch.float16)):
+        return grouped_mm(x_TD, w_EDH, offsets_E)
+    if usable:
         if torch.is_grad_enabled():  # an autograd.Function call costs ~10 us: not in inference
             x_TD = _ContiguousGrad.apply(x_TD)
         return F.grouped_mm(x_TD, w_EDH, offs=offsets_E)
-    chunks = torch.split(x_TD, counts_E.tolist())
-    return torch.cat([c @ w_EDH[e] for e, c in enumerate(chunks)], dim=0)
+    return grouped_mm_loop(x_TD, w_EDH, counts_E.tolist())
 
 
 def swiglu_experts(x_TD: torch.Tensor, w1_EDH: torch.Tensor, w3_EDH: torch.Tensor, w2_EHD: torch.Tensor,
@@ -165,7 +161,7 @@ def aux_losses(routing: Routing, counts_E: torch.Tensor, top_k: int,
     probs_NE, E = routing.probs_NE, routing.probs_NE.shape[-1]
     lse2_N = torch.logsumexp(routing.logits_NE, -1).pow(2)
     local = torch.cat([counts_E.to(probs_NE.dtype), probs_NE.detach().sum(0),
-                       probs_NE.new_tensor([probs_NE.shape[0]]), lse2_N.detach().sum()[None]])
+                       probs_NE.new_full((1,), probs_NE.shape[0]), lse2_N.detach().sum()[None]])
     glob, world = reduce_sums(local, across_ranks)
     counts_g, psum_g, n_g, lse2_g = glob[:E], glob[E:2 * E], glob[2 * E], glob[2 * E + 1]
     frac_E = (counts_g / (n_g.clamp_min(1) * top_k)).to(probs_NE.dtype)  # f: no gradient
@@ -219,7 +215,10 @@ class MoE(nn.Module):
         flat_expert = routing.expert_NK.reshape(-1)  # [N*k]
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // self.top_k  # source token of each sorted row
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        if torch.compiler.is_compiling():  # bincount's output length depends on the data: not traceable
+            counts = flat_expert.new_zeros(self.n_experts).index_add_(0, flat_expert, torch.ones_like(flat_expert))
+        else:  # one op instead of three (decoding steps are op-bound)
+            counts = torch.bincount(flat_expert, minlength=self.n_experts)
 
         y_sorted = self.dispatch(x_ND[token_of], counts)  # [N*k, D]
         y_sorted = y_sorted * routing.gate_NK.reshape(-1)[order, None].to(y_sorted.dtype)

@@ -29,7 +29,8 @@ MIN_SEGMENT_ROW = 512
 class Segments:
     """Where each document of a batch of packed rows goes in the per-bucket batches."""
 
-    buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (gather [n, T], real [n, T], flat idx of real)
+    # (gather [n, T], flat index into n * T of the real slots, flat row index of each real slot)
+    buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     pad_flat: torch.Tensor  # flat indices (b * L + t) of padding tokens
     B: int
     L: int
@@ -64,7 +65,9 @@ class Segments:
             real = offs[None, :] < lengths[sel, None]  # [n, T]
             src = (starts[sel, None] + offs[None, :]).clamp_max(idx.numel() - 1)
             src = torch.where(real, src, starts[sel, None])  # padded slots repeat a real token (never seen)
-            buckets.append((idx[src], real, idx[src][real]))
+            # Index tensors, not boolean masks: a mask's selection has a data-dependent size
+            # inside the (possibly compiled) attention; an index tensor's size is its own.
+            buckets.append((idx[src], torch.nonzero(real.flatten()).flatten(), idx[src][real]))
         return cls(buckets, flat[~valid_BL], B, L)
 
 
@@ -81,11 +84,11 @@ def segment_attention(q_BHLd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.
     k = k_BGLd.transpose(1, 2).reshape(B * L, G, d)
     v = v_BGLd.transpose(1, 2).reshape(B * L, G, d)
     out = q.new_empty(B * L, H, d)
-    for gather_nT, real_nT, dest in seg.buckets:
+    for gather_nT, real, dest in seg.buckets:
         n, T = gather_nT.shape
         pick = lambda x: x[gather_nT.flatten()].view(n, T, -1, d).transpose(1, 2)  # noqa: E731
         o = F.scaled_dot_product_attention(pick(q), pick(k), pick(v), is_causal=True, enable_gqa=G != H)
-        out[dest] = o.transpose(1, 2)[real_nT]
+        out[dest] = o.transpose(1, 2).reshape(n * T, H, d)[real]
     if seg.pad_flat.numel():
         out[seg.pad_flat] = v[seg.pad_flat].repeat_interleave(H // G, dim=1)
     return out.view(B, L, H * d)
