@@ -89,6 +89,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
     if cfg.parallel.zero_stage is not None:
         zero["stage"] = cfg.parallel.zero_stage
     stage = int(zero.get("stage", 0))
+    if stage == 3 and cfg.train.compile:
+        raise ConfigError("train.compile=true with ZeRO stage 3 is not supported: ZeRO-3 gathers every layer's "
+                          "weights in module hooks inside the compiled blocks. Use ZeRO stage 0-2 or train.compile=false.")
     if stage == 3 and cfg.parallel.ep_size > 1:
         raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} with ZeRO stage 3 is not supported: DeepSpeed "
                           "refuses its MoE layers under ZeRO-3. Use ep_size=1 with ZeRO-3 (experts are then sharded "
@@ -283,6 +286,10 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
     model, vcfg = build_model(cfg, tokenizer)
     apply_freeze(model, cfg.train.freeze)
     parallelize_moe(model, cfg.parallel.ep_size)
+    if cfg.train.compile:
+        from .block import compile_blocks
+
+        compile_blocks(model)  # before checkpointing wraps the blocks: it then re-runs the compiled forward
     if cfg.parallel.activation_checkpointing:
         enable_activation_checkpointing(model)
     opt, sched = build_optimizer(cfg, model)

@@ -136,6 +136,7 @@ class TrainSection:
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes (e.g. "lm.", "tower.")
     max_nonfinite_in_row: int = 3  # stop after this many skipped non-finite steps in a row
     export_at_end: bool = False  # write out_dir/export (config + safetensors + tokenizer)
+    compile: bool = False  # torch.compile every transformer block (docs/training.md "Compiling")
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -160,6 +161,11 @@ class TrainConfig(YamlConfig):
     def __post_init__(self) -> None:
         _check(self.model.moe.n_experts % self.parallel.ep_size == 0,
                f"parallel.ep_size={self.parallel.ep_size} must divide model.moe.n_experts={self.model.moe.n_experts}")
+        # Expert parallelism's dispatch sizes its all-to-all from the routing (host values):
+        # a graph break, which fullgraph compilation refuses.
+        _check(not (self.train.compile and self.parallel.ep_size > 1),
+               f"train.compile=true does not support parallel.ep_size={self.parallel.ep_size} > 1 "
+               "(the expert all-to-all cannot be compiled); use one or the other")
         for s in self.data.sources:
             _check(s.shards not in (None, "", "???"), "data.sources[*].shards is required")
         # The model refuses longer inputs (ConceptMoE.forward); say so before any work.
