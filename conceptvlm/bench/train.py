@@ -16,6 +16,12 @@ median step time of each. Reported beside it:
 
 ConceptMoE uses the ``fixed`` router here so the ratio is exactly R (a learned router's
 ratio depends on its training).
+
+``--compile`` adds a compiled copy of each model (``block.compile_blocks``, what
+``train.compile`` does) to the interleaved steps: its first step's wall time less its
+median step is the compile time, and its median against the eager median the compiled
+speed-up. ``--clock cpu`` times steps (and the matmul MFU divides by) in process CPU
+time, which other jobs on a shared machine disturb least (with 1 thread).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 
 from .common import finish, parse_length, positive_int, print_table
-from .inference import BenchModel
+from .inference import CLOCKS, BenchModel
 from .step_memory import SavedActivations, step_peak_rss
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384)
@@ -73,28 +79,31 @@ def training_flops(cfg, doc_lengths: Sequence[int], ratio: Optional[float] = Non
     return 3.0 * fwd
 
 
-def matmul_flops_per_s(n: int = 1024, repeats: int = 5) -> float:
+def matmul_flops_per_s(n: int = 1024, repeats: int = 5, clock=time.perf_counter) -> float:
     """FLOP/s of a float32 ``n x n`` matmul with the current threads (the machine's peak we can reach)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(_timed(lambda: a @ b, clock) for _ in range(repeats))
     return 2.0 * n ** 3 / best
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
+def _timed(fn, clock=time.perf_counter) -> float:
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 class _Trainer:
     """One model, its AdamW and a fixed packed row: ``step()`` is a full training step."""
 
-    def __init__(self, cfg, ids, doc, seed: int):
+    def __init__(self, cfg, ids, doc, seed: int, compile: bool = False):
+        from ..block import compile_blocks
         from ..model import ConceptMoE
 
         torch.manual_seed(seed)
         self.model = ConceptMoE(cfg).train()
+        if compile:
+            compile_blocks(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.ids, self.doc = ids, doc
 
@@ -123,19 +132,21 @@ class _Trainer:
 def run_train_bench(configs: Sequence[str] = ("efficiency", "tiny"), lengths: Sequence[int] = DEFAULT_LENGTHS,
                     ratio: float = 2.0, n_docs: int = 4, steps: int = 3, threads: Optional[int] = None,
                     seed: int = 0, out: Optional[str] = "runs/bench/train.json", plot: Optional[str] = None,
-                    memory_only: bool = False) -> dict:
+                    memory_only: bool = False, compile: bool = False, clock: str = "wall") -> dict:
     """Time training steps of each config's baseline and ConceptMoE side by side; print and save.
 
     Every row first measures memory (two untimed steps per model: saved-activation bytes,
     then peak RSS); ``memory_only`` stops there (no timing, no MFU), which is what long
-    rows on a busy machine can still measure honestly.
+    rows on a busy machine can still measure honestly. ``compile``: also time compiled
+    copies of both (row key ``compiled``). ``clock``: ``wall`` or ``cpu`` (process time).
     """
+    timer = CLOCKS[clock]
     if threads:
         torch.set_num_threads(threads)
     lengths = sorted(int(L) for L in lengths)
-    peak = None if memory_only else matmul_flops_per_s()
+    peak = None if memory_only else matmul_flops_per_s(clock=timer)  # the steps' clock: MFU is their ratio
     print(f"bench train{' (memory only)' if memory_only else ''}: batch 1, float32, {torch.get_num_threads()} threads, "
-          f"{n_docs} documents per row, R={ratio:g} (fixed router)"
+          f"{n_docs} documents per row, R={ratio:g} (fixed router), {clock} clock"
           + ("" if peak is None else f"; dense matmul {peak / 1e9:.1f} GFLOP/s"), flush=True)
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -151,7 +162,11 @@ def run_train_bench(configs: Sequence[str] = ("efficiency", "tiny"), lengths: Se
                    "saved_activation_bytes": {k: m[0] for k, m in memory.items()},
                    "peak_step_bytes": {k: m[1] for k, m in memory.items()}}
             if not memory_only:
-                row.update(_timed_row(trainers, steps, cfgs=(base_cfg, cmoe_cfg), docs=docs, ratio=ratio, peak=peak))
+                compiled = {k: _Trainer(c, ids, doc, seed, compile=True)
+                            for k, c in (("baseline", base_cfg), ("conceptmoe", cmoe_cfg))} if compile else {}
+                row.update(_timed_row(trainers, steps, cfgs=(base_cfg, cmoe_cfg), docs=docs, ratio=ratio, peak=peak,
+                                      timer=timer, compiled=compiled))
+                del compiled
             rows.append(row)
             print(f"  {name:<10} L={L:>6}: " + _row_line(row), flush=True)
             del trainers
@@ -159,19 +174,26 @@ def run_train_bench(configs: Sequence[str] = ("efficiency", "tiny"), lengths: Se
     table = print_table(headers, cells)
     payload = {"config": {"configs": list(configs), "lengths": lengths, "ratio": ratio, "documents_per_row": n_docs,
                           "steps": 0 if memory_only else steps, "threads": torch.get_num_threads(),
-                          "matmul_flops_per_s": peak, "memory_only": memory_only},
+                          "matmul_flops_per_s": peak, "memory_only": memory_only, "compile": compile,
+                          "clock": clock},
                "rows": rows, "goals": train_goals(rows), "table": table}
     return finish(payload, out, plot, lambda path: plot_train(rows, path))
 
 
 def _timed_row(trainers: dict[str, _Trainer], steps: int, cfgs, docs: Sequence[int], ratio: float,
-               peak: float) -> dict:
+               peak: float, timer=time.perf_counter, compiled: Optional[dict[str, _Trainer]] = None) -> dict:
     """Interleaved timed steps of both models: median step time, speed-up against the
-    FLOPs prediction, MFU."""
+    FLOPs prediction, MFU; with ``compiled`` copies, their steps interleaved too, their
+    compile time and speed-up over eager."""
+    compiled = compiled or {}
+    first = {k: _timed(t.step) for k, t in compiled.items()}  # wall time: compiling runs in worker processes
     times: dict[str, list[float]] = {k: [] for k in trainers}
+    ctimes: dict[str, list[float]] = {k: [] for k in compiled}
     for _ in range(steps):
         for k, t in trainers.items():
-            times[k].append(_timed(t.step))
+            times[k].append(_timed(t.step, timer))
+            if k in compiled:
+                ctimes[k].append(_timed(compiled[k].step, timer))
     med = {k: statistics.median(v) for k, v in times.items()}
     flops = {"baseline": training_flops(cfgs[0], docs), "conceptmoe": training_flops(cfgs[1], docs, ratio)}
     L = sum(docs)
@@ -179,6 +201,10 @@ def _timed_row(trainers: dict[str, _Trainer], steps: int, cfgs, docs: Sequence[i
            "train_flops": flops, "speedup": med["baseline"] / med["conceptmoe"],
            "predicted": flops["baseline"] / flops["conceptmoe"], "mfu": {k: flops[k] / med[k] / peak for k in med}}
     row["vs_predicted"] = row["speedup"] / row["predicted"]
+    if compiled:
+        cmed = {k: statistics.median(v) for k, v in ctimes.items()}
+        row["compiled"] = {"step_s": cmed, "samples": ctimes, "compile_s": {k: first[k] - cmed[k] for k in cmed},
+                           "speedup_vs_eager": {k: med[k] / cmed[k] for k in cmed}}
     return row
 
 
@@ -189,9 +215,15 @@ def _row_line(r: dict) -> str:
     if "speedup" not in r:
         return line
     med = r["step_s"]
-    return (f"step {med['baseline']:.2f}s -> {med['conceptmoe']:.2f}s ({r['speedup']:.2f}x, predicted "
+    line = (f"step {med['baseline']:.2f}s -> {med['conceptmoe']:.2f}s ({r['speedup']:.2f}x, predicted "
             f"{r['predicted']:.2f}x); MFU {100 * r['mfu']['baseline']:.0f}% / {100 * r['mfu']['conceptmoe']:.0f}%; "
             + line)
+    c = r.get("compiled")
+    if c:
+        line += (f"; compiled step {c['step_s']['baseline']:.2f}s / {c['step_s']['conceptmoe']:.2f}s "
+                 f"({c['speedup_vs_eager']['baseline']:.2f}x / {c['speedup_vs_eager']['conceptmoe']:.2f}x eager), "
+                 f"compile {c['compile_s']['baseline']:.0f}s / {c['compile_s']['conceptmoe']:.0f}s")
+    return line
 
 
 def _speed_table(rows: list[dict]) -> tuple[list[str], list[list]]:
@@ -310,7 +342,8 @@ def _run(args: argparse.Namespace) -> int:
     lengths = (512, 1024) if args.quick else args.lengths
     run_train_bench(configs=["tiny"] if args.quick else args.configs, lengths=lengths, ratio=args.ratio,
                     n_docs=args.docs, steps=2 if args.quick else args.steps, threads=args.threads, seed=args.seed,
-                    out=args.out, plot=args.plot, memory_only=args.memory_only)
+                    out=args.out, plot=args.plot, memory_only=args.memory_only, compile=args.compile,
+                    clock=args.clock)
     return 0
 
 
@@ -328,6 +361,10 @@ def register_bench(bench_subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--memory-only", action="store_true",
                    help="measure saved-activation bytes and peak RSS only (no timed steps, no MFU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="also time compiled copies of both models (train.compile): compile time and speed-up")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="step times in wall or process CPU time (cpu: with 1 thread on a shared machine)")
     p.add_argument("--out", default="runs/bench/train.json")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     p.set_defaults(func=_run)
