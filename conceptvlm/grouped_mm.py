@@ -59,8 +59,8 @@ def grouped_mm_weight_grad(x_TD: torch.Tensor, dy_TH: torch.Tensor, offsets_E: t
     """``dW_e = x_e^T dy_e`` for every row group: ``[E, D, H]``."""
     if grouped_mm_usable(x_TD, dy_TH):
         return F.grouped_mm(x_TD.t(), dy_TH, offs=offsets_E)
-    return torch.stack([a.t() @ b for a, b in zip(torch.split(x_TD, _counts(offsets_E)),
-                                                   torch.split(dy_TH, _counts(offsets_E)))])
+    counts = _counts(offsets_E)
+    return torch.stack([a.t() @ b for a, b in zip(torch.split(x_TD, counts), torch.split(dy_TH, counts))])
 
 
 @grouped_mm_weight_grad.register_fake
