@@ -194,7 +194,7 @@ def test_cli_registration(repo_root, capsys):
     a = parser.parse_args(["flops", "--config", "x.yaml", "--ratio", "2", "--match", "loops"])
     assert a.ratio == 2.0 and a.match == "loops" and callable(a.func)
     a = parser.parse_args(["bench", "inference", "--lengths", "1k", "2k", "--quick"])
-    assert a.quick and a.lengths == ["1k", "2k"] and a.batch == [1] and a.repeats == 3
+    assert a.quick and a.lengths == [1024, 2048] and a.batch == [1] and a.repeats == 3  # parsed by the parser
     a = parser.parse_args(["bench", "inference", "--batch", "1", "8", "32"])
     assert a.batch == [1, 8, 32] and a.decode_steps == 200
 
