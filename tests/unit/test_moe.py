@@ -72,6 +72,20 @@ def test_few_tokens_decode_case_matches_reference(dtype):
         torch.testing.assert_close(gx, rx)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_path_runs_only_the_experts_with_rows_and_matches(dtype, monkeypatch):
+    """Inference with fewer rows than experts on CPU takes the per-active-expert path;
+    it equals the reference and never calls the grouped kernel."""
+    import torch.nn.functional as F
+
+    moe = build(dtype, E=8, k=2).eval()
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: pytest.fail("grouped kernel called while decoding"))
+    with torch.inference_mode():
+        for n in (1, 3):  # n * k = 2, 6 rows < 8 experts
+            x = torch.randn(n, 16, dtype=dtype)
+            torch.testing.assert_close(moe(x).y, moe_reference(moe, x))
+
+
 def test_aux_losses_only_in_training():
     moe = build(torch.float32).eval()
     out = moe(torch.randn(10, 16))
