@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter
+from typing import Optional
 
 import torch
 
@@ -72,12 +73,16 @@ def profile_decode(model, ids_BT: torch.Tensor, length: int, batch: int, period:
 
 
 def run_decode_profile(length: int = 4096, batches=(1, 8), ratio: float = 2.0, steps: int = 20, warm: int = 4,
-                       threads: int = 1, out: str = "runs/bench/decode_profile.json", seed: int = 0) -> dict:
+                       threads: Optional[int] = 1, out: Optional[str] = "runs/bench/decode_profile.json",
+                       seed: int = 0, spec: Optional[BenchModel] = None) -> dict:
+    """Profile the baseline and the efficiency ConceptMoE (``spec``, default the
+    inference benchmark's model) at each batch size; writes JSON to ``out``."""
     from ..model import ConceptMoE
     from .inference import _period
 
-    torch.set_num_threads(threads)
-    spec = BenchModel()
+    if threads:
+        torch.set_num_threads(threads)
+    spec = spec or BenchModel()
     base = spec.baseline(length + warm + steps + 8)
     d = base.to_dict()
     d["chunk"] = {"router": "fixed", "target_ratio_text": ratio, "target_ratio_image": ratio}
@@ -100,7 +105,7 @@ def run_decode_profile(length: int = 4096, batches=(1, 8), ratio: float = 2.0, s
              ", ".join(f"{t['op'][6:]} {100 * t['share']:.0f}%" for t in r["top_ops"][:4])] for r in results]
     table = print_table(["model", "batch", "ms/step", "ops/step", "syncs/step", "top self time"], rows)
     payload = {"config": {"model": spec.__dict__, "length": length, "ratio": ratio, "steps": steps, "warm": warm,
-                          "threads": threads}, "results": results, "table": table}
+                          "threads": torch.get_num_threads()}, "results": results, "table": table}
     if out:
         print(f"wrote {write_result(out, payload)}")
     return payload
