@@ -97,6 +97,8 @@ def dechunk(update_BMD: torch.Tensor, chunks: Chunks,
     Returns the decoder's concept signal ``[B, L, D]`` and each row's final EMA state.
     """
     B, M, D = update_BMD.shape
+    if chunks.boundary_BL.shape[1] == 1 and z0_BD is not None and not torch.is_grad_enabled():
+        return _decode_step(update_BMD[:, 0], chunks, z0_BD.to(update_BMD.dtype))
     P_BM = gather_rows(chunks.prob_BL, chunks.pos_BM)
     # Padded concept slots come after the real ones, so their value never flows back;
     # P = 1 keeps the scan free of whatever they hold.
@@ -110,3 +112,12 @@ def dechunk(update_BMD: torch.Tensor, chunks: Chunks,
     p = chunks.prob_BL
     conf_BL = torch.where(chunks.boundary_BL, p, 1.0 - p)
     return z_BLD * straight_through_one(conf_BL).unsqueeze(-1).to(z_BLD.dtype), last
+
+
+def _decode_step(update_BD: torch.Tensor, chunks: Chunks, z0_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dechunk` for one token per row, without gradients (a decode step): the token
+    starts a concept (``z = P u + (1 - P) z0``) or continues the carried one (``z0``); the
+    straight-through factor is 1 in value. A few ops instead of the scan's dozens."""
+    p_B1 = chunks.prob_BL.to(update_BD.dtype)  # [B, 1]
+    z_BD = torch.where(chunks.boundary_BL, torch.lerp(z0_BD, update_BD, p_B1), z0_BD)
+    return z_BD[:, None], z_BD

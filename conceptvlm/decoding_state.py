@@ -243,14 +243,20 @@ class Previous:
               forced_BL: torch.Tensor, pos_BL: torch.Tensor) -> "Previous":
         """The last real token once these tokens are seen (rows without one keep theirs)."""
         B, L = doc_BL.shape
-        idx_B = torch.where(valid_BL, torch.arange(L, device=doc_BL.device), -1).max(1).values
-        has_B = idx_B >= 0
-        at_B, rows = idx_B.clamp_min(0), torch.arange(B, device=doc_BL.device)
         seg_BL = segment_positions(forced_BL, self.segment_pos)
+        if L == 1:  # a decode step: the token itself, where it is real
+            has_B = valid_BL[:, 0]
 
-        def pick(x_BL: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-            new = x_BL[rows, at_B]
-            return torch.where(has_B.view(-1, *([1] * (new.dim() - 1))), new, old)
+            def pick(x_BL: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+                return torch.where(has_B.view(-1, *([1] * (old.dim() - 1))), x_BL[:, 0], old)
+        else:
+            idx_B = torch.where(valid_BL, torch.arange(L, device=doc_BL.device), -1).max(1).values
+            has_B = idx_B >= 0
+            at_B, rows = idx_B.clamp_min(0), torch.arange(B, device=doc_BL.device)
+
+            def pick(x_BL: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+                new = x_BL[rows, at_B]
+                return torch.where(has_B.view(-1, *([1] * (new.dim() - 1))), new, old)
 
         return Previous(h=pick(h_BLD.detach(), self.h), doc=pick(doc_BL, self.doc),
                         modality=pick(modality_BL, self.modality), valid=has_B | self.valid,

@@ -23,6 +23,8 @@ def segment_positions(forced_BL: torch.Tensor, prev_pos_B: torch.Tensor | None =
     Tokens before the chunk's first forced boundary continue ``prev_pos + 1``.
     """
     L = forced_BL.shape[1]
+    if L == 1 and prev_pos_B is not None:  # a decode step: 0 at a forced boundary, else one on
+        return torch.where(forced_BL, 0, prev_pos_B[:, None] + 1)
     t = torch.arange(L, device=forced_BL.device).expand_as(forced_BL)
     last_start = torch.where(forced_BL, t, torch.zeros_like(t)).cummax(dim=1).values
     pos = t - last_start

@@ -146,3 +146,15 @@ def test_padded_prompts_leave_no_padding_in_the_caches():
     state = model(ids, doc_ids=doc, use_cache=True).state
     assert state.tokens.index.lengths.tolist() == [12, 7]
     assert state.kv_bytes()["encoder"] == 19 * 2 * 2 * 8 * 8  # 19 keys, 2 kv heads of 8, k+v, float64
+
+
+@pytest.mark.parametrize("name", ["cosine", "fixed", "output_form", "none"])
+def test_inference_mode_decode_steps_equal_full_forward(name):
+    """Under ``torch.inference_mode`` a decode step takes its short paths (one-token
+    dechunk, previous token, positions); they equal the full forward too."""
+    model = tiny_model(**VARIANTS[name])
+    ids = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        batched, _ = _decode(model, ids, 4)
+        full = model(ids).logits
+    torch.testing.assert_close(batched, full, rtol=1e-9, atol=1e-9)
