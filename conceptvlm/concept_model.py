@@ -67,4 +67,3 @@ class ConceptModel(nn.Module):
         if rows is not None:
             update = update.new_zeros(full_shape).index_copy(0, rows, update)
         return update, moe_outs
-

@@ -161,7 +161,6 @@ class KVCache:
 
     def __init__(self) -> None:
         self._k = self._v = None
-        self._lengths: Optional[torch.Tensor] = None
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor, slots: Slots) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,26 +182,30 @@ class KVCache:
             idx = slots.index_BL[:, None, :, None].expand_as(k)
             self._k.scatter_(2, idx, k)
             self._v.scatter_(2, idx, v)
-        self.length, self._lengths = slots.length, slots.lengths
+        self.length = slots.length
         return self._k[:, :, :self.length], self._v[:, :, :self.length]
 
     def row(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of row ``b``'s first ``n`` keys and values, ``[1, H, n, d]`` (no copy)."""
         return self._k[b:b + 1, :, :n], self._v[b:b + 1, :, :n]
 
-    def nbytes(self) -> int:
-        """Bytes of the valid keys and values held (not padding, not spare capacity)."""
+    def nbytes(self, n_keys: int) -> int:
+        """Bytes of ``n_keys`` keys and values (the stack's valid keys: not padding, not
+        spare capacity; the counts live in the stack's :class:`CacheIndex`)."""
         if self._k is None:
             return 0
-        per = self._k.shape[1] * self._k.shape[3] * self._k.element_size()
-        return 2 * per * int(self._lengths.sum())
+        return 2 * self._k.shape[1] * self._k.shape[3] * self._k.element_size() * n_keys
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         out = KVCache()
         if self._k is not None:
-            out._k, out._v, out._lengths = self._k[rows], self._v[rows], self._lengths[rows]
+            out._k, out._v = self._k[rows], self._v[rows]
         out.length = self.length
         return out
+
+
+def _select_caches(caches: list[Optional[KVCache]], rows: torch.Tensor) -> list[Optional[KVCache]]:
+    return [c.select(rows) if c is not None else None for c in caches]
 
 
 def _grown(old: Optional[torch.Tensor], like: torch.Tensor, dim: int, cap: int, used: int) -> torch.Tensor:
@@ -246,17 +249,16 @@ class Previous:
         seg_BL = segment_positions(forced_BL, self.segment_pos)
         if L == 1:  # a decode step: the token itself, where it is real
             has_B = valid_BL[:, 0]
-
-            def pick(x_BL: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-                return torch.where(has_B.view(-1, *([1] * (old.dim() - 1))), x_BL[:, 0], old)
+            last = lambda x_BL: x_BL[:, 0]  # noqa: E731
         else:
             idx_B = torch.where(valid_BL, torch.arange(L, device=doc_BL.device), -1).max(1).values
             has_B = idx_B >= 0
             at_B, rows = idx_B.clamp_min(0), torch.arange(B, device=doc_BL.device)
+            last = lambda x_BL: x_BL[rows, at_B]  # noqa: E731
 
-            def pick(x_BL: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-                new = x_BL[rows, at_B]
-                return torch.where(has_B.view(-1, *([1] * (new.dim() - 1))), new, old)
+        def pick(x_BL: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            new = last(x_BL)
+            return torch.where(has_B.view(-1, *([1] * (new.dim() - 1))), new, old)
 
         return Previous(h=pick(h_BLD.detach(), self.h), doc=pick(doc_BL, self.doc),
                         modality=pick(modality_BL, self.modality), valid=has_B | self.valid,
@@ -286,8 +288,7 @@ class TokenState:
             self.prev = prev.after(h_BLD, doc_BL, valid_BL, modality_BL, forced_BL, pos_BL)
 
     def select(self, rows: torch.Tensor) -> "TokenState":
-        pick = lambda caches: [c.select(rows) if c is not None else None for c in caches]  # noqa: E731
-        return TokenState(pick(self.encoder), pick(self.decoder),
+        return TokenState(_select_caches(self.encoder, rows), _select_caches(self.decoder, rows),
                           self.index.select(rows) if self.index is not None else None,
                           self.prev.select(rows) if self.prev is not None else None, self.keeps)
 
@@ -308,7 +309,7 @@ class ConceptState:
             self.z_BD = z_last_BD.detach()
 
     def select(self, rows: torch.Tensor) -> "ConceptState":
-        return ConceptState([c.select(rows) if c is not None else None for c in self.caches],
+        return ConceptState(_select_caches(self.caches, rows),
                             self.index.select(rows) if self.index is not None else None,
                             self.z_BD[rows] if self.z_BD is not None else None, self.keeps)
 
@@ -343,9 +344,13 @@ class InferenceState:
 
     def kv_bytes(self) -> dict[str, int]:
         """Bytes of keys and values held, per stack and in total."""
-        parts = {name: sum(c.nbytes() for c in caches if c is not None) for name, caches in
-                 (("encoder", self.tokens.encoder), ("concept", self.concepts.caches),
-                  ("decoder", self.tokens.decoder))}
+        def held(caches: list[Optional[KVCache]], index: Optional[CacheIndex]) -> int:
+            n_keys = int(index.lengths.sum()) if index is not None and index.lengths is not None else 0
+            return sum(c.nbytes(n_keys) for c in caches if c is not None)
+
+        parts = {"encoder": held(self.tokens.encoder, self.tokens.index),
+                 "concept": held(self.concepts.caches, self.concepts.index),
+                 "decoder": held(self.tokens.decoder, self.tokens.index)}
         parts["total"] = sum(parts.values())
         return parts
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .common import parse_length, print_table, write_result
+from .common import parse_length, positive_int, print_table, write_result
 from .inference import BenchModel
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
@@ -121,9 +121,9 @@ def register_bench(bench_subparsers: "argparse._SubParsersAction") -> None:
     """Add ``decode-profile`` to the ``bench`` command's subparsers."""
     p = bench_subparsers.add_parser("decode-profile", help="ops, host syncs and time per decode step (torch.profiler)")
     p.add_argument("--length", type=parse_length, default=4096, help="prefill length (e.g. 4096 or 4k)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
     p.add_argument("--ratio", type=float, default=2.0)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/bench/decode_profile.json")
     p.set_defaults(func=_run)

@@ -31,6 +31,7 @@ CASES = [
     ("bench train --lengths abc", "'abc' is not a length"),
     ("bench train --docs 0", "'0' must be at least 1"),
     ("bench decode-profile --length 0", "'0' is not a positive length"),
+    ("bench decode-profile --batch 0", "'0' must be at least 1"),
     ("experiment run no_such_experiment", "unknown experiment"),
     ("experiment rescore no_such_experiment", "unknown experiment"),
     ("experiment report --results {tmp}/missing", "results folder not found"),
