@@ -12,7 +12,7 @@ def _run(args: argparse.Namespace) -> int:
 
     run_experiment(args.name, quick=args.quick, runs_root=args.runs, results_dir=args.results,
                    variants=args.variants.split(",") if args.variants else None, seeds=ints(args.seeds),
-                   steps=args.steps, threads=args.threads, extra_overrides=args.override)
+                   steps=args.steps, threads=args.threads, extra_overrides=args.override, force=args.force)
     return 0
 
 
@@ -62,6 +62,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
     run.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     run.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                      help="train-config override for every variant (after the YAML's), e.g. optim.lr=2e-3; repeatable")
+    run.add_argument("--force", action="store_true",
+                     help="rerun (variant, seed) pairs whose rows exist, from scratch (default: skip them, and "
+                          "resume runs an earlier process left unfinished)")
     run.add_argument("--runs", default="runs/experiments", help="where run folders go")
     run.add_argument("--results", default=str(RESULTS_DIR), help="where NAME.json result rows are appended")
     run.set_defaults(func=_run)

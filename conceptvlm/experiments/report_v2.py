@@ -31,8 +31,14 @@ def latest(rows: list[dict]) -> dict[str, dict[int, dict]]:
     return out
 
 
+def revision_of(row: dict) -> str:
+    """The code revision a row was made with: the last commit touching the runs' code
+    (``code_rev``; rows before it was recorded fall back to the checkout's ``git``)."""
+    return row.get("code_rev") or row.get("git") or "?"
+
+
 def revision_problem(rows: list[dict]) -> Optional[str]:
-    revs = sorted({r.get("git") or "?" for r in rows})
+    revs = sorted({revision_of(r) for r in rows})
     if len(revs) > 1:
         return f"rows from {len(revs)} revisions ({', '.join(revs)}): rerun the table at one revision"
     if revs[0].endswith("+dirty") or revs[0] == "?":
@@ -240,7 +246,7 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
                   f"Machine: {r_last['machine']}  ",
                   f"Wall time: {sum(r['wall_s'] for r in rows_used):.0f} s in all ({len(rows_used)} runs); "
                   f"steps per run {', '.join(str(s) for s in sorted({r['steps'] for r in rows_used}))}; "
-                  f"git {', '.join(sorted({r.get('git') or '?' for r in rows_used}))}; last run {r_last['time']}.  "]
+                  f"code revision {', '.join(sorted({revision_of(r) for r in rows_used}))}; last run {r_last['time']}.  "]
         info = r_last.get("data", {})
         if "tokenizer" in info:
             lines.append(f"Data: tokenizer {info['tokenizer']} ({info.get('bytes_per_token', 1):.2f} training bytes "

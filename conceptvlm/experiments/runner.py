@@ -12,6 +12,7 @@ variant (at the target R and at the ratio it realised on held-out data).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -70,16 +71,38 @@ def machine() -> str:
            f"Python {platform.python_version()}, torch {torch.__version__}"
 
 
+# The code a run executes: model, data, evaluation and this runner. The report, the plan,
+# the statistics, the CLI, the benchmarks and the experiment YAMLs (whose effect on a run is
+# in its run key) are left out, so editing them does not split a table across revisions.
+RUN_CODE = ["conceptvlm", "data", "vision", "eval", "configs/model", "configs/train", "configs/deepspeed",
+            *(f":(exclude)conceptvlm/experiments/{f}" for f in ("report.py", "report_v2.py", "plan.py", "stats.py",
+                                                                "cli.py")),
+            ":(exclude)conceptvlm/bench"]
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+
+
 def _git_rev() -> str:
     """The checkout's short revision, with ``+dirty`` when code the runs execute differs
     from it (uncommitted changes under the package folders), so such rows never pass for
     rows of a clean revision."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-
     try:
-        rev = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "conceptvlm", "data", "vision", "eval", "configs")
+        rev = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--", *RUN_CODE)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return rev + ("+dirty" if rev and dirty else "")
+
+
+def code_rev() -> str:
+    """The last commit that changed the code a run executes (:data:`RUN_CODE`), with
+    ``+dirty`` for uncommitted changes there. Rows of one table must share it: commits
+    that touch only the report or the docs leave it, and the runs' rows, as they are."""
+    try:
+        rev = _git("log", "-1", "--format=%h", "--", *RUN_CODE)
+        dirty = _git("status", "--porcelain", "--", *RUN_CODE)
     except (OSError, subprocess.SubprocessError):
         return ""
     return rev + ("+dirty" if rev and dirty else "")
@@ -258,8 +281,50 @@ def _train_ratios(metrics_path: Path, last: int = 20) -> dict:
 
 
 # ------------------------------------------------------------------------------- run
-def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, quick: bool, command: str) -> dict:
-    """Train and evaluate one (variant, seed); returns the result row."""
+def run_key(cfg, exp: dict) -> str:
+    """What makes two runs the same run: the resolved train config, the code revision and
+    the evaluation settings. A run folder or result row with another key is not reused."""
+    blob = json.dumps({"config": cfg.to_dict(), "code": exp.get("_code_rev", ""),
+                       "eval": [exp.get("eval_limit"), exp.get("eval_window")]}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+RUN_STATE = "experiment_run.json"  # in a run folder: its key and the wall time of its pieces
+
+
+def _read_run_state(run_dir: Path) -> dict:
+    try:
+        state = json.loads((run_dir / RUN_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _write_run_state(run_dir: Path, state: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RUN_STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, run_dir / RUN_STATE)
+
+
+def _step_seconds(metrics_path: Path) -> float:
+    """Sum of the logged step times (a resumed run's log keeps only the steps it kept)."""
+    if not metrics_path.is_file():
+        return 0.0
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    return float(sum(r.get("step_time_s", 0.0) for r in rows))
+
+
+def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, quick: bool, command: str,
+            done_keys: frozenset = frozenset(), force: bool = False) -> Optional[dict]:
+    """Train and evaluate one (variant, seed); returns the result row, or None when a row
+    with the same run key is already in ``done_keys``.
+
+    Runs outlive a process: training saves a checkpoint every ``save_every`` steps (the
+    experiment's, default 200), and a run folder left by an interrupted run with the same
+    key resumes from its last checkpoint (training resumes bit for bit); a trained run
+    whose evaluation was interrupted is only evaluated. A folder with another key (config
+    or code changed), or any folder when ``force``, is cleared and the run starts over."""
     import torch
     from omegaconf import OmegaConf
 
@@ -280,7 +345,8 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     v2 = exp.get("protocol", 1) == 2
     common = list(exp.get("overrides", [])) + [
         f"train.seed={seed}", f"train.out_dir={run_dir}",
-        "train.export_at_end=true", "train.save_every=0", "train.progress=false"]
+        "train.export_at_end=true", f"train.save_every={int(exp.get('save_every', 200))}", "train.keep_last=1",
+        "train.progress=false"]
     if v2:  # same data order for every variant of a seed; one pass; the corpus' tokenizer
         common += run2.data_overrides(data, seed)
     probe = load_train_config(None, overrides=common, data=base)
@@ -289,14 +355,27 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     ov, acct = variant_overrides(probe.model, variant)
     cfg = load_train_config(None, overrides=common + ov, data=base)
     model_cfg: ModelConfig = cfg.model
-    if (run_dir / "export").exists():
+    key = run_key(cfg, exp)
+    if key in done_keys:
+        print(f"[experiment {exp['name']}] {variant['name']} seed {seed}: done already (run key {key})", flush=True)
+        return None
+    state = _read_run_state(run_dir)
+    if run_dir.exists() and (force or state.get("key") != key):
         import shutil
 
-        shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)  # another config or code revision: nothing in it carries over
+        state = {}
+    state = {"key": key, "train_wall_s": state.get("train_wall_s", 0.0), "pieces": state.get("pieces", 0),
+             "trained": state.get("trained", False)}
     fingerprint = run2.data_fingerprint(cfg) if v2 else None
-    t_train = time.time()
-    train(cfg)
-    t_train = time.time() - t_train
+    if not state["trained"]:
+        state["pieces"] += 1
+        _write_run_state(run_dir, state)
+        t_piece = time.time()
+        train(cfg)  # resumes from run_dir/checkpoints when an earlier piece left one
+        state.update(trained=True, train_wall_s=state["train_wall_s"] + time.time() - t_piece)
+        _write_run_state(run_dir, state)
+    t_train = state["train_wall_s"]
     model, tok = load_exported(run_dir / "export")
     torch.manual_seed(seed)
     limit = exp.get("eval_limit")
@@ -347,7 +426,9 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
         model_cfg, row["R"] if variant["router"] != "none" else None)["all"]
     row["flops_per_token_realised"] = (flops.linear_flops_per_token(model_cfg, max(realised, 1.0))["all"]
                                        if variant["router"] not in ("none",) else row["flops_per_token"])
-    row["train_wall_s"] = t_train
+    row["train_wall_s"] = t_train  # over every piece that finished (an interrupted piece's time is lost)
+    row.update(run_key=key, code_rev=exp.get("_code_rev", ""), train_pieces=state["pieces"],
+               train_step_s_total=_step_seconds(run_dir / "metrics.jsonl"))
     row["wall_s"] = time.time() - t0
     return row
 
@@ -404,6 +485,15 @@ def _locked_rows(path: Path) -> Iterator[list]:
         f.write(json.dumps(rows, indent=1))
 
 
+def done_run_keys(path: Path) -> frozenset:
+    """Run keys of the rows already in the results file at ``path``."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return frozenset()
+    return frozenset(r["run_key"] for r in rows if isinstance(r, dict) and r.get("run_key"))
+
+
 def append_result(row: dict, path: Path) -> None:
     """Append ``row`` to the JSON list at ``path``."""
     with _locked_rows(path) as rows:
@@ -413,9 +503,11 @@ def append_result(row: dict, path: Path) -> None:
 def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs/experiments",
                    results_dir: str | Path = RESULTS_DIR, variants: Optional[list[str]] = None,
                    seeds: Optional[list[int]] = None, steps: Optional[int] = None, threads: int = 1,
-                   extra_overrides: Optional[list[str]] = None) -> list[dict]:
+                   extra_overrides: Optional[list[str]] = None, force: bool = False) -> list[dict]:
     """Run every (variant, seed) of experiment ``name``; appends rows to ``RESULTS/NAME.json``.
-    ``extra_overrides`` (``key=value``) apply to every variant, after the YAML's own."""
+    ``extra_overrides`` (``key=value``) apply to every variant, after the YAML's own. A
+    (variant, seed) whose row is already there with the same run key is skipped unless
+    ``force``; interrupted runs resume (:func:`run_one`), so a plan can be run in pieces."""
     import torch
 
     torch.set_num_threads(threads)
@@ -445,16 +537,21 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
     exp["overrides"] = list(exp.get("overrides", [])) + list(extra_overrides or [])
     exp["_results_dir"] = str(results_dir)
     exp["_git"] = _git_rev()  # the code this process runs, even if the checkout moves on meanwhile
+    exp["_code_rev"] = code_rev()
     runs_root = Path(runs_root)
     data = (run2.prepare_text_data(exp, runs_root / "_data") if exp.get("protocol", 1) == 2
             and exp.get("kind", "text") == "text" else prepare_data(exp, runs_root / "_data"))
     rows = []
+    results = Path(results_dir) / f"{exp['name']}.json"
     for seed in exp["seeds"]:
         for v in exp["variants"]:
             print(f"[experiment {exp['name']}] {v['name']} seed {seed}: "
                   + (f"{exp['steps']} steps" if exp.get("steps") else f"{exp.get('epochs', 1)} epoch(s)"), flush=True)
-            row = run_one(exp, v, seed, data, runs_root, quick, command)
-            append_result(row, Path(results_dir) / f"{exp['name']}.json")
+            done = frozenset() if force else done_run_keys(results)
+            row = run_one(exp, v, seed, data, runs_root, quick, command, done, force)
+            if row is None:
+                continue
+            append_result(row, results)
             held = row["held"].get("all", row["held"].get("text", {}))
             print(f"[experiment {exp['name']}] {v['name']} seed {seed}: held text bpb {held.get('bits_per_byte')}, "
                   f"ratio {held.get('realised_ratio', row['train'].get('text'))}, {row['wall_s']:.0f}s", flush=True)
