@@ -261,3 +261,55 @@ def test_plan_estimate_multiplies_measured_times_out_to_the_full_forms():
     assert e["runs"] == 12 and e["hours_per_run"] == pytest.approx((900 * 2.0 + 36 * 10.0) / 3600)
     assert e["hours"] == pytest.approx(12 * e["hours_per_run"])
     assert not est[PLAN[0][1]]["measured"]
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_row_and_done_rows_are_skipped(tmp_path, monkeypatch):
+    """A plan runs in pieces across processes: a run killed after a checkpoint continues
+    from it and gives the same row as one that never stopped; a second invocation skips
+    (variant, seed) pairs whose rows exist; --force starts over."""
+    pytest.importorskip("deepspeed")
+    import conceptvlm.train as train_mod
+    from conceptvlm.experiments.runner import run_experiment
+
+    (tmp_path / "p2.yaml").write_text("""
+protocol: 2
+kind: text
+claim: smoke
+train_config: configs/train/tiny_text.yaml
+corpus_large: {max_units: 8, bpe_vocab: 300, heldout_pct: 40, max_chars: 512, min_segment: 64}
+tokenizer: bpe
+steps: 6
+save_every: 2
+seeds: [0]
+eval_limit: 2
+overrides: [data.seq_len=128, data.batch_size=4, data.shuffle_buffer=8, data.shuffle_initial=4, optim.warmup_steps=1]
+variants:
+  - {name: cosine-topk, router: cosine, R: 2.0, realloc: topk}
+""")
+    exp, runs = str(tmp_path / "p2.yaml"), tmp_path / "runs"
+    whole = run_experiment(exp, runs_root=runs, results_dir=tmp_path / "whole")[0]
+    assert whole["train_pieces"] == 1 and whole["code_rev"] and len(whole["run_key"]) == 16
+    assert run_experiment(exp, runs_root=runs, results_dir=tmp_path / "whole") == []  # done: skipped
+
+    real_train = train_mod.train
+
+    def killed_at_step_3(cfg, loss_hook=None):
+        def hook(step, loss):
+            if step >= 3:
+                raise KeyboardInterrupt("session ended")
+            return loss
+        return real_train(cfg, hook)
+
+    monkeypatch.setattr(train_mod, "train", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, runs_root=runs, results_dir=tmp_path / "pieces", force=True)  # starts over
+    run_dir = runs / "p2" / "full" / "cosine-topk-s0"
+    assert not (run_dir / "export").exists() and list((run_dir / "checkpoints").glob("step*"))
+    monkeypatch.setattr(train_mod, "train", real_train)
+    pieces = run_experiment(exp, runs_root=runs, results_dir=tmp_path / "pieces")[0]
+    assert pieces["train_pieces"] == 2 and pieces["run_key"] == whole["run_key"]
+    assert pieces["held"]["all"]["bits_per_byte"] == whole["held"]["all"]["bits_per_byte"]  # bit for bit
+    assert pieces["train"]["final_loss"] == whole["train"]["final_loss"]
+    # another config is another run: its folder is cleared, not resumed
+    other = run_experiment(exp, runs_root=runs, results_dir=tmp_path / "pieces", extra_overrides=["optim.lr=1e-3"])[0]
+    assert other["run_key"] != whole["run_key"] and other["train_pieces"] == 1
