@@ -296,7 +296,7 @@ PROTOCOL_INTRO = [
     "baselines; re-spent compute keeps 8 experts sparse (top-2 → top-4 at R = 2); a chunked row whose realised "
     "held-out ratio misses its target by more than 5% is marked not matched and left out of verdicts; each claim "
     "names its variants in advance and is judged on the paired 95% t-interval (holds / does not hold / "
-    "inconclusive); a table mixing git revisions gets no verdicts.", ""]
+    "inconclusive); a table whose rows come from more than one code revision (the last commit touching the code the runs execute) gets no verdicts.", ""]
 
 
 def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[str]:
@@ -320,7 +320,15 @@ def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[
     return out + [""]
 
 
-def plan_lines(results_dir) -> list[str]:
+def progress(rows: list[dict]) -> tuple[int, float]:
+    """(full-form runs done, their wall hours): the last row of each (variant, seed)."""
+    done = [r for seeds in latest([r for r in rows if not r.get("quick")]).values() for r in seeds.values()]
+    return len(done), sum(float(r.get("wall_s", 0.0)) for r in done) / 3600
+
+
+def plan_lines(results_dir, rows: Optional[dict[str, list[dict]]] = None) -> list[str]:
+    """The plan table: the measured cost of each stage, what is done, what is left (the
+    runs left at the mean wall time of the done runs, else at the measured estimate)."""
     from .plan import estimate, load_timing
 
     timing = load_timing(results_dir)
@@ -328,30 +336,39 @@ def plan_lines(results_dir) -> list[str]:
            "Run in this order (each stage's command is in its section); the cost is measured with "
            "`conceptvlm experiment plan --measure` (seconds per training step after warm-up and evaluation time "
            "per scored unit of each stage's most expensive variant, on this machine) and multiplied out to the "
-           "full forms.", "",
-           "| stage | experiment | runs | steps per run | s per step | evaluation per run | CPU hours | load when timed |",
-           "|---|---|---|---|---|---|---|---|"]
-    total, missing = 0.0, []
+           "full forms. Runs resume from their last checkpoint when a process stops, so the plan runs in pieces; "
+           "*done* counts the full-form runs with rows, *hours spent* their wall time.", "",
+           "| stage | experiment | runs | steps per run | s per step | evaluation per run | CPU hours | load when timed "
+           "| done | hours spent | hours left |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    total, left_total, spent_total, missing = 0.0, 0.0, 0.0, []
     import os
 
     cores = os.cpu_count()
     for e in estimate(timing):
+        n_done, spent = progress((rows or {}).get(e["experiment"], []))
+        spent_total += spent
         if not e["measured"]:
             missing.append(e["experiment"])
-            out.append(f"| {e['stage']} | {e['experiment']} | – | – | not measured | – | – | – |")
+            out.append(f"| {e['stage']} | {e['experiment']} | – | – | not measured | – | – | – | {n_done} | "
+                       f"{spent:.1f} | – |")
             continue
         total += e["hours"]
+        per_run = spent / n_done if n_done else e["hours_per_run"]
+        left = max(e["runs"] - n_done, 0) * per_run
+        left_total += left
         out.append(f"| {e['stage']} | {e['experiment']} | {e['runs']} | {e['steps']:,} | {e['step_s']:.2f} | "
                    f"{e['eval_units']:,} {e['eval_unit']}s | {e['hours']:.1f} | "
-                   + (f"{load:.1f} on {cores} cores |" if (load := timing[e["experiment"]].get("load_avg_1min"))
-                      is not None else "– |"))
+                   + (f"{load:.1f} on {cores} cores" if (load := timing[e["experiment"]].get("load_avg_1min"))
+                      is not None else "–") + f" | {n_done} | {spent:.1f} | {left:.1f} |")
     t0 = next(iter(timing.values()), {})
     if not timing:
         return out + ["", "Not measured yet: `conceptvlm experiment plan --measure`.", ""]
-    out += ["", f"Total: **{total:.0f} CPU hours** (one process per run, 1 torch thread"
-            + (f"; measured on {t0.get('machine')} at git {t0.get('git')}" if t0 else "")
-            + (f"; not measured: {', '.join(missing)}" if missing else "") + "). Steps were timed while other "
-            "jobs shared the machine (the load column): on idle cores expect less, with one process per core.", ""]
+    out += ["", f"Total: **{total:.0f} CPU hours** estimated (one process per run, 1 torch thread"
+            + (f"; measured on {t0.get('machine')}" if t0 else "")
+            + (f"; not measured: {', '.join(missing)}" if missing else "") + f"); spent so far {spent_total:.1f}, "
+            f"left about {left_total:.0f}. Steps timed while other jobs shared the machine (the load column) are "
+            "slower than on idle cores with one process per core.", ""]
     return out
 
 
@@ -373,7 +390,7 @@ def second_protocol_lines(names: list[str], results_dir, experiments_dir) -> tup
         return [], first
     from .plan import PLAN
 
-    lines = PROTOCOL_INTRO + verdict_summary(exps, rows) + plan_lines(results_dir)
+    lines = PROTOCOL_INTRO + verdict_summary(exps, rows) + plan_lines(results_dir, rows)
     order = [n for _, n, _ in PLAN if n in exps] + sorted(set(exps) - {n for _, n, _ in PLAN})
     for name in order:
         exp = exps[name]

@@ -263,6 +263,24 @@ def test_plan_estimate_multiplies_measured_times_out_to_the_full_forms():
     assert not est[PLAN[0][1]]["measured"]
 
 
+def test_plan_table_counts_done_runs_and_prices_the_rest_at_their_mean_wall_time(tmp_path):
+    import json
+
+    from conceptvlm.experiments.plan import PLAN, TIMING_FILE
+    from conceptvlm.experiments.report_v2 import plan_lines
+
+    name = PLAN[1][1]
+    (tmp_path / TIMING_FILE).write_text(json.dumps({name: {
+        "step_s": 2.0, "eval_s": 10.0, "eval_units": 1000, "eval_unit": "token", "seeds": [0, 1, 2],
+        "n_variants": 4, "full_steps": 900, "full_eval_units": 36_000, "load_avg_1min": 0.5}}))
+    rows = [{"variant": "a", "seed": 0, "wall_s": 3600.0}, {"variant": "a", "seed": 0, "wall_s": 1800.0},  # rerun
+            {"variant": "b", "seed": 0, "wall_s": 5400.0}, {"variant": "a", "seed": 1, "wall_s": 99.0, "quick": True}]
+    line = next(x for x in plan_lines(tmp_path, {name: rows}) if f"| {name} |" in x)
+    # 2 runs done (the last row of a rerun counts once, quick rows not at all): 2.0 h spent;
+    # 10 left at their mean 1.0 h
+    assert line.endswith("| 2 | 2.0 | 10.0 |"), line
+
+
 def test_an_interrupted_run_resumes_to_the_uninterrupted_row_and_done_rows_are_skipped(tmp_path, monkeypatch):
     """A plan runs in pieces across processes: a run killed after a checkpoint continues
     from it and gives the same row as one that never stopped; a second invocation skips
