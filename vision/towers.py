@@ -53,10 +53,13 @@ class VisionTower(nn.Module):
         self.data_config = (
             _timm_data_config(model) if config.backend == "timm" else dict(model.preprocess_cfg)
         )
+        # timm's feature API serves timm models and open_clip timm trunks alike.
+        api = "open_clip" if hasattr(features, "transformer") else "timm"
+        if config.pos_embed_init == "sincos2d":
+            _init_sincos2d(features, api)
         if config.checkpoint is not None:
             self._load_checkpoint(model, config.checkpoint)
-        # timm's feature API serves timm models and open_clip timm trunks alike.
-        self._api = "open_clip" if hasattr(features, "transformer") else "timm"
+        self._api = api
         self.model = features
 
         depth = len(self.blocks)
@@ -278,6 +281,26 @@ def _fit_timm_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> dic
 
 def _width(model: nn.Module, api: str) -> int:
     return int(model.transformer.width if api == "open_clip" else model.embed_dim)
+
+
+def _init_sincos2d(model: nn.Module, api: str) -> None:
+    """Set the learned position table of a randomly built ViT to timm's fixed 2D sin-cos
+    embedding over its patch grid (rows then columns); prefix (class) positions get 0."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    table = model.positional_embedding if api == "open_clip" else getattr(model, "pos_embed", None)
+    if not isinstance(table, torch.Tensor):
+        raise ValueError("VisionConfig.pos_embed_init='sincos2d' needs a tower with a learned position table "
+                         f"({type(model).__name__} has none)")
+    rows, cols = _grid(model, api)
+    dim = table.shape[-1]
+    if dim % 4:
+        raise ValueError(f"VisionConfig.pos_embed_init='sincos2d' needs a width divisible by 4, got {dim}")
+    grid = build_sincos2d_pos_embed([rows, cols], dim).to(table.dtype)
+    with torch.no_grad():
+        flat = table.view(-1, dim)  # timm [1, prefix + P, D], open_clip [prefix + P, D]
+        flat.zero_()
+        flat[flat.shape[0] - rows * cols:] = grid
 
 
 def _grid(model: nn.Module, api: str) -> tuple[int, int]:

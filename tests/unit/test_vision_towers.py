@@ -269,3 +269,44 @@ def test_open_clip_tower_with_a_timm_trunk(tmp_path):
 
     with pytest.raises(ValueError, match="built for 160x160 images, not image_size=64"):
         VisionTower(VisionConfig(name="ViT-B-32", backend="open_clip", image_size=64, model_kwargs=kwargs))
+
+
+def _sincos_reference(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """Slow, obvious 2D sin-cos table: per patch (r, c), [sin(r w), sin(c w), cos(r w), cos(c w)]
+    over dim/4 frequencies w = 10000^(-i / (dim/4))."""
+    q = dim // 4
+    w = [10000.0 ** (-i / q) for i in range(q)]
+    out = torch.zeros(rows * cols, dim)
+    for r in range(rows):
+        for c in range(cols):
+            out[r * cols + c] = torch.tensor([*(torch.sin(torch.tensor(r * x)) for x in w),
+                                              *(torch.sin(torch.tensor(c * x)) for x in w),
+                                              *(torch.cos(torch.tensor(r * x)) for x in w),
+                                              *(torch.cos(torch.tensor(c * x)) for x in w)])
+    return out
+
+
+def test_sincos2d_starts_a_random_timm_tower_at_the_2d_table(images):
+    tower = VisionTower(timm_config(pos_embed_init="sincos2d", freeze="none"))
+    table = tower.model.pos_embed[0]  # [class + 64 patches, 64]
+    assert torch.equal(table[0], torch.zeros(64))  # the class position carries no place
+    torch.testing.assert_close(table[1:], _sincos_reference(8, 8, 64), atol=1e-5, rtol=0)
+    assert tower.model.pos_embed.requires_grad  # a starting point, still learned
+    default = VisionTower(timm_config())
+    assert default.model.pos_embed.std() < 0.05  # the library's own draw
+
+
+def test_sincos2d_starts_a_random_open_clip_tower_at_the_2d_table(tiny_clip_name):
+    tower = VisionTower(VisionConfig(name=tiny_clip_name, backend="open_clip", feature_layer=-1,
+                                     pos_embed_init="sincos2d"))
+    table = tower.model.positional_embedding  # [class + 16 patches, 32]
+    assert torch.equal(table[0], torch.zeros(32))
+    torch.testing.assert_close(table[1:], _sincos_reference(4, 4, 32), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("weights", [dict(checkpoint="vit.safetensors"), dict(name="hf-hub:timm/vit_tiny")])
+def test_sincos2d_is_refused_with_pretrained_weights(weights):
+    with pytest.raises(ValueError, match="pos_embed_init='sincos2d' initialises a tower built with random"):
+        timm_config(pos_embed_init="sincos2d", **weights)
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        timm_config(pos_embed_init="learned")
