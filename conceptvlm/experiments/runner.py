@@ -485,6 +485,23 @@ def _locked_rows(path: Path) -> Iterator[list]:
         f.write(json.dumps(rows, indent=1))
 
 
+@contextlib.contextmanager
+def claim(run_dir: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking lock on ``run_dir`` (a ``.lock`` file beside it): True
+    when this process holds it. Several processes running one experiment so share out its
+    (variant, seed) pairs; the lock goes with the process, so a killed run is free again."""
+    import fcntl
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{run_dir.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def done_run_keys(path: Path) -> frozenset:
     """Run keys of the rows already in the results file at ``path``."""
     try:
@@ -507,7 +524,8 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
     """Run every (variant, seed) of experiment ``name``; appends rows to ``RESULTS/NAME.json``.
     ``extra_overrides`` (``key=value``) apply to every variant, after the YAML's own. A
     (variant, seed) whose row is already there with the same run key is skipped unless
-    ``force``; interrupted runs resume (:func:`run_one`), so a plan can be run in pieces."""
+    ``force``; interrupted runs resume (:func:`run_one`), so a plan can be run in pieces;
+    processes started together on one experiment share out its runs (:func:`claim`)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -545,13 +563,18 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
     results = Path(results_dir) / f"{exp['name']}.json"
     for seed in exp["seeds"]:
         for v in exp["variants"]:
-            print(f"[experiment {exp['name']}] {v['name']} seed {seed}: "
-                  + (f"{exp['steps']} steps" if exp.get("steps") else f"{exp.get('epochs', 1)} epoch(s)"), flush=True)
-            done = frozenset() if force else done_run_keys(results)
-            row = run_one(exp, v, seed, data, runs_root, quick, command, done, force)
-            if row is None:
-                continue
-            append_result(row, results)
+            with claim(run_dir_of(exp, {"quick": quick, "variant": v["name"], "seed": seed}, runs_root)) as mine:
+                if not mine:
+                    print(f"[experiment {exp['name']}] {v['name']} seed {seed}: running in another process", flush=True)
+                    continue
+                print(f"[experiment {exp['name']}] {v['name']} seed {seed}: "
+                      + (f"{exp['steps']} steps" if exp.get("steps") else f"{exp.get('epochs', 1)} epoch(s)"),
+                      flush=True)
+                done = frozenset() if force else done_run_keys(results)
+                row = run_one(exp, v, seed, data, runs_root, quick, command, done, force)
+                if row is None:
+                    continue
+                append_result(row, results)
             held = row["held"].get("all", row["held"].get("text", {}))
             print(f"[experiment {exp['name']}] {v['name']} seed {seed}: held text bpb {held.get('bits_per_byte')}, "
                   f"ratio {held.get('realised_ratio', row['train'].get('text'))}, {row['wall_s']:.0f}s", flush=True)

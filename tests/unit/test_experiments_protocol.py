@@ -331,3 +331,24 @@ variants:
     # another config is another run: its folder is cleared, not resumed
     other = run_experiment(exp, runs_root=runs, results_dir=tmp_path / "pieces", extra_overrides=["optim.lr=1e-3"])[0]
     assert other["run_key"] != whole["run_key"] and other["train_pieces"] == 1
+
+
+def test_a_claimed_run_is_skipped_by_other_processes_and_free_once_released(tmp_path):
+    import subprocess
+    import sys
+
+    from conceptvlm.experiments.runner import claim
+
+    run_dir = tmp_path / "exp" / "full" / "cosine-s0"
+    holder = ("import sys, time; from pathlib import Path; from conceptvlm.experiments.runner import claim\n"
+              "with claim(Path(sys.argv[1])) as mine:\n    print(mine, flush=True); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "True"
+        with claim(run_dir) as mine:
+            assert mine is False  # another process runs it
+    finally:
+        proc.kill()
+        proc.wait()
+    with claim(run_dir) as mine:  # the lock died with its process
+        assert mine is True
