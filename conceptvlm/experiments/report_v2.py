@@ -296,7 +296,12 @@ PROTOCOL_INTRO = [
     "baselines; re-spent compute keeps 8 experts sparse (top-2 → top-4 at R = 2); a chunked row whose realised "
     "held-out ratio misses its target by more than 5% is marked not matched and left out of verdicts; each claim "
     "names its variants in advance and is judged on the paired 95% t-interval (holds / does not hold / "
-    "inconclusive); a table whose rows come from more than one code revision (the last commit touching the code the runs execute) gets no verdicts.", ""]
+    "inconclusive); a table whose rows come from more than one code revision (the last commit touching the code "
+    "the runs execute) gets no verdicts.", "",
+    "The plan runs in pieces: each run saves a checkpoint every 200 steps and an interrupted run resumes from it "
+    "(bit for bit) when its command is given again; runs with rows are skipped; several processes given the same "
+    "command share its runs out (e.g. `conceptvlm experiment run chunking_v2 & conceptvlm experiment run "
+    "chunking_v2`, one per core).", ""]
 
 
 def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[str]:
