@@ -63,10 +63,48 @@ def data_overrides(data: dict, seed: int) -> list[str]:
 
 
 def planned_steps(exp: dict, data: dict, seq_len: int, batch_size: int, grad_accum: int) -> int:
-    """``exp["steps"]`` if it is a number, else ``epochs`` (default 1) passes over the data."""
+    """``exp["steps"]`` if it is a number, else an estimate of ``epochs`` (default 1)
+    passes over the data from its token count (full rows; :func:`packed_steps` counts
+    the rows a run really makes)."""
     if isinstance(exp.get("steps"), int):
         return int(exp["steps"])
     return one_pass_steps(data["train_tokens"], seq_len * batch_size * grad_accum, float(exp.get("epochs", 1.0)))
+
+
+def packed_rows(cfg, cache_dir: Path) -> int:
+    """Rows the run's packer makes from one pass over its training data, in the run's own
+    order. Packing is greedy and in order (``data/packing.py``): a document that does not
+    fit the open row closes it, so rows are part padding (about a quarter on the large
+    corpus) and a pass takes more rows than tokens / seq_len. Counted by packing one epoch
+    without a model (tens of seconds), cached per data config in ``cache_dir``."""
+    import dataclasses
+
+    from conceptvlm.data import build_loader, load_tokenizer
+
+    dc = dataclasses.replace(_data_config(cfg), epochs=1)
+    key = hashlib.sha1(json.dumps([dataclasses.asdict(dc), [dataclasses.asdict(x) for x in _sources(cfg)],
+                                   cfg.data.tokenizer], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = cache_dir / f"packed_rows-{key}.json"
+    if path.is_file():
+        return int(json.loads(path.read_text())["rows"])
+    rows = 0
+    for batch in build_loader(_sources(cfg), load_tokenizer(cfg.data.tokenizer), dc):
+        rows += int((batch["doc_ids"] >= 0).any(dim=1).sum())  # a last, short batch pads with empty rows
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rows": rows, "data_config": dataclasses.asdict(dc)}, default=str))
+    tmp.replace(path)
+    return rows
+
+
+def packed_steps(exp: dict, cfg, cache_dir: Path) -> int:
+    """``exp["steps"]`` if it is a number, else the optimizer steps of ``epochs`` (default
+    1) passes over the rows the run's packer makes (:func:`packed_rows`); rounded down, so
+    no document is seen more than ``ceil(epochs)`` times."""
+    if isinstance(exp.get("steps"), int):
+        return int(exp["steps"])
+    per_step = cfg.data.batch_size * cfg.optim.grad_accum
+    return max(1, int(packed_rows(cfg, cache_dir) * float(exp.get("epochs", 1.0)) // per_step))
 
 
 def epochs_seen(cfg, run_dir: Path, data: dict) -> dict[str, float]:

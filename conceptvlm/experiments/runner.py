@@ -350,7 +350,8 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     if v2:  # same data order for every variant of a seed; one pass; the corpus' tokenizer
         common += run2.data_overrides(data, seed)
     probe = load_train_config(None, overrides=common, data=base)
-    steps = run2.planned_steps(exp, data, probe.data.seq_len, probe.data.batch_size, probe.optim.grad_accum)
+    steps = (run2.packed_steps(exp, probe, runs_root / "_data") if v2 and exp.get("kind", "text") == "text" else
+             run2.planned_steps(exp, data, probe.data.seq_len, probe.data.batch_size, probe.optim.grad_accum))
     common.append(f"train.steps={steps}")
     ov, acct = variant_overrides(probe.model, variant)
     cfg = load_train_config(None, overrides=common + ov, data=base)
@@ -394,6 +395,8 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
         window = run2.check_window(cfg, exp.get("eval_window"))
         row.update(protocol=2, lr=cfg.optim.lr, tokenizer=data["info"]["tokenizer"],
                    epochs_seen=run2.epochs_seen(cfg, run_dir, data))
+        if not isinstance(exp.get("steps"), int):  # sized by packed rows: the rows of one pass
+            row["rows_per_pass"] = run2.packed_rows(cfg, runs_root / "_data")
         t_eval = time.time()
         row["held"] = run2.evaluate_text(model, tok, data["held"], window, limit)
         row["eval_wall_s"] = time.time() - t_eval

@@ -219,7 +219,7 @@ claim: smoke
 train_config: configs/train/tiny_text.yaml
 corpus_large: {max_units: 8, bpe_vocab: 300, heldout_pct: 40, max_chars: 512, min_segment: 64}
 tokenizer: bpe
-epochs: 0.5
+epochs: 1.0
 seeds: [0, 1]
 eval_limit: 2
 overrides: [data.seq_len=128, data.batch_size=4, data.shuffle_buffer=8, data.shuffle_initial=4, optim.warmup_steps=1]
@@ -237,8 +237,10 @@ claims:
     for r in rows:
         assert r["protocol"] == 2 and r["held"]["window"] == 128  # the trained row length
         assert r["steps"] >= 1 and set(r["epochs_seen"]) == {"english", "code"}
-        # half a pass (epochs: 0.5), each source about half read: the mix is proportional to size
-        assert all(0.25 < e < 0.75 for e in r["epochs_seen"].values()), (r["steps"], r["epochs_seen"])
+        # one pass, counted in packed rows (part padding): every source read once, none twice
+        # (the mix is proportional to size; the last partial batch is left out)
+        assert all(0.8 < e <= 1.0 for e in r["epochs_seen"].values()), (r["steps"], r["epochs_seen"])
+        assert r["steps"] == r["rows_per_pass"] // 4  # batch 4: whole batches of one pass
         assert r["data"]["overlap"]["held/english"]["shared_chars"] == 0
         assert r["flops_linear_per_token"] > 0 and r["flops_attention_per_token"] > 0
         assert r["tokenizer"] == "bpe-300" and "ood" in r["held"]
