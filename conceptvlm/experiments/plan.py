@@ -70,19 +70,18 @@ def measure(name: str, variant: str, steps: int = MEASURE_STEPS, eval_limit: int
 
 
 def full_size(name: str, runs_root: Path = Path("runs/experiments")) -> tuple[int, int]:
-    """(training steps per run, evaluation units per run) of the full form."""
+    """(training steps per run, evaluation units per run) of the full form: for text, the
+    steps seed 0 of the timed variant really takes (one pass counted in packed rows)."""
     exp = load_experiment(name)
     if exp.get("kind", "text") != "text":
         return int(exp["steps"]), int(exp["synthetic"]["cells"][1])
-    from omegaconf import OmegaConf
-
     from . import run2
-    from .runner import REPO
+    from .runner import run_config
 
     data = run2.prepare_text_data(exp, runs_root / "_data")
-    d = OmegaConf.merge(OmegaConf.load(REPO / exp["train_config"]),
-                        OmegaConf.from_dotlist(list(exp.get("overrides", [])))).data
-    return run2.planned_steps(exp, data, int(d.seq_len), int(d.batch_size), 1), int(data["held_tokens"])
+    variant = next(v for v in exp["variants"] if v["name"] == dict((n, var) for _, n, var in PLAN)[name])
+    steps = run_config(exp, variant, 0, data, runs_root, quick=False)[1]
+    return steps, int(data["held_tokens"])
 
 
 def estimate(timing: dict) -> list[dict]:

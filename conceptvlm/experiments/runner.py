@@ -315,26 +315,12 @@ def _step_seconds(metrics_path: Path) -> float:
     return float(sum(r.get("step_time_s", 0.0) for r in rows))
 
 
-def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, quick: bool, command: str,
-            done_keys: frozenset = frozenset(), force: bool = False) -> Optional[dict]:
-    """Train and evaluate one (variant, seed); returns the result row, or None when a row
-    with the same run key is already in ``done_keys``.
-
-    Runs outlive a process: training saves a checkpoint every ``save_every`` steps (the
-    experiment's, default 200), and a run folder left by an interrupted run with the same
-    key resumes from its last checkpoint (training resumes bit for bit); a trained run
-    whose evaluation was interrupted is only evaluated. A folder with another key (config
-    or code changed), or any folder when ``force``, is cleared and the run starts over."""
-    import torch
+def run_config(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, quick: bool) -> tuple:
+    """``(train config, steps, FLOPs accounting, run folder)`` of one (variant, seed)."""
     from omegaconf import OmegaConf
 
-    from conceptvlm import flops
-    from conceptvlm.config import ModelConfig
-    from conceptvlm.export import load_exported
-    from conceptvlm.train import train
     from conceptvlm.train_config import load_train_config
 
-    t0 = time.time()
     base = OmegaConf.to_container(OmegaConf.load(REPO / exp["train_config"]), resolve=True)
     if exp.get("model_file"):  # the experiment's own model (protocol 2: configs/model/small.yaml)
         base["model_file"] = exp["model_file"]
@@ -354,7 +340,29 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
              run2.planned_steps(exp, data, probe.data.seq_len, probe.data.batch_size, probe.optim.grad_accum))
     common.append(f"train.steps={steps}")
     ov, acct = variant_overrides(probe.model, variant)
-    cfg = load_train_config(None, overrides=common + ov, data=base)
+    return load_train_config(None, overrides=common + ov, data=base), steps, acct, run_dir
+
+
+def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, quick: bool, command: str,
+            done_keys: frozenset = frozenset(), force: bool = False) -> Optional[dict]:
+    """Train and evaluate one (variant, seed); returns the result row, or None when a row
+    with the same run key is already in ``done_keys``.
+
+    Runs outlive a process: training saves a checkpoint every ``save_every`` steps (the
+    experiment's, default 200), and a run folder left by an interrupted run with the same
+    key resumes from its last checkpoint (training resumes bit for bit); a trained run
+    whose evaluation was interrupted is only evaluated. A folder with another key (config
+    or code changed), or any folder when ``force``, is cleared and the run starts over."""
+    import torch
+
+    from conceptvlm import flops
+    from conceptvlm.config import ModelConfig
+    from conceptvlm.export import load_exported
+    from conceptvlm.train import train
+
+    t0 = time.time()
+    cfg, steps, acct, run_dir = run_config(exp, variant, seed, data, runs_root, quick)
+    v2 = exp.get("protocol", 1) == 2
     model_cfg: ModelConfig = cfg.model
     key = run_key(cfg, exp)
     if key in done_keys:
