@@ -58,7 +58,7 @@ def cell_loglikelihoods(model, tok, image_BCHW, question: str, tokens_per_image:
 def evaluate_cells(model, tok, shards, limit: Optional[int] = None) -> dict:
     """Read the held-out cell samples and score each over all 64 cells."""
     from conceptvlm.data.counters import DataCounters
-    from conceptvlm.data.samples import decode_image
+    from conceptvlm.data.decode import decode_image
     from conceptvlm.data.shards import expand_shards
     from conceptvlm.data.tario import iter_shard
 

@@ -180,6 +180,22 @@ def test_cell_samples_answer_the_centre_cell_of_the_named_shape():
         assert 1 <= len(meta["scene"]) <= 3 and len({s[1] for s in meta["scene"]}) == len(meta["scene"])
 
 
+def test_evaluate_cells_reads_held_out_shards_and_scores_every_item(tmp_path):
+    """The evaluation the grounding rows come from, on real shards (a renamed import here
+    once failed only after a full training run)."""
+    import torch
+
+    from conceptvlm.data.grounding_cells import write_cell_shards
+    from conceptvlm.experiments.grounding import evaluate_cells
+    from helpers import ByteTokenizer, tiny_vlm
+
+    torch.manual_seed(0)
+    shards = write_cell_shards(tmp_path / "cells", num=3, shard_size=2, seed=0, start_index=10**6)
+    res = evaluate_cells(tiny_vlm(), ByteTokenizer(), shards)
+    assert res["items"] == 3 and 0.0 <= res["accuracy"] <= res["within_one"] <= 1.0
+    assert evaluate_cells(tiny_vlm(), ByteTokenizer(), shards, limit=2)["items"] == 2
+
+
 def test_cell_loglikelihoods_match_one_forward_per_candidate():
     import torch
 
