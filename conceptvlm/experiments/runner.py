@@ -78,6 +78,11 @@ RUN_CODE = ["conceptvlm", "data", "vision", "eval", "configs/model", "configs/tr
             *(f":(exclude)conceptvlm/experiments/{f}" for f in ("report.py", "report_v2.py", "plan.py", "stats.py",
                                                                 "cli.py")),
             ":(exclude)conceptvlm/bench"]
+# A text-only run builds no vision tower and reads no image data: edits there leave text
+# tables (30 CPU hours of runs) standing. The vision config stays in: every config imports it.
+TEXT_RUNS_SKIP = [":(exclude)vision/towers.py", ":(exclude)vision/projector.py", ":(exclude)vision/transforms.py",
+                  ":(exclude)vision/checkpoint.py", ":(exclude)data/grounding_cells.py", ":(exclude)data/synthetic.py",
+                  ":(exclude)conceptvlm/experiments/grounding.py"]
 
 
 def _git(*args: str) -> str:
@@ -96,13 +101,15 @@ def _git_rev() -> str:
     return rev + ("+dirty" if rev and dirty else "")
 
 
-def code_rev() -> str:
-    """The last commit that changed the code a run executes (:data:`RUN_CODE`), with
-    ``+dirty`` for uncommitted changes there. Rows of one table must share it: commits
-    that touch only the report or the docs leave it, and the runs' rows, as they are."""
+def code_rev(kind: str = "vlm") -> str:
+    """The last commit that changed the code a run of ``kind`` (``text`` or ``vlm``)
+    executes (:data:`RUN_CODE`, less :data:`TEXT_RUNS_SKIP` for text), with ``+dirty`` for
+    uncommitted changes there. Rows of one table must share it: commits that touch only the
+    report or the docs leave it, and the runs' rows and checkpoints, as they are."""
+    paths = RUN_CODE + (TEXT_RUNS_SKIP if kind == "text" else [])
     try:
-        rev = _git("log", "-1", "--format=%h", "--", *RUN_CODE)
-        dirty = _git("status", "--porcelain", "--", *RUN_CODE)
+        rev = _git("log", "-1", "--format=%h", "--", *paths)
+        dirty = _git("status", "--porcelain", "--", *paths)
     except (OSError, subprocess.SubprocessError):
         return ""
     return rev + ("+dirty" if rev and dirty else "")
@@ -566,7 +573,7 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
     exp["overrides"] = list(exp.get("overrides", [])) + list(extra_overrides or [])
     exp["_results_dir"] = str(results_dir)
     exp["_git"] = _git_rev()  # the code this process runs, even if the checkout moves on meanwhile
-    exp["_code_rev"] = code_rev()
+    exp["_code_rev"] = code_rev(exp.get("kind", "text"))
     runs_root = Path(runs_root)
     data = (run2.prepare_text_data(exp, runs_root / "_data") if exp.get("protocol", 1) == 2
             and exp.get("kind", "text") == "text" else prepare_data(exp, runs_root / "_data"))

@@ -370,3 +370,35 @@ def test_a_claimed_run_is_skipped_by_other_processes_and_free_once_released(tmp_
         proc.wait()
     with claim(run_dir) as mine:  # the lock died with its process
         assert mine is True
+
+
+def test_code_revision_moves_with_the_code_a_run_executes_only(tmp_path, monkeypatch):
+    """Rows and checkpoints are tied to the last commit touching the runs' code: report or
+    docs edits leave it, vision edits leave text tables, model edits move both."""
+    import subprocess
+
+    from conceptvlm.experiments import runner
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    def commit(path, text="x"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", "-A")
+        git("commit", "-qm", path)
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    monkeypatch.setattr(runner, "REPO", tmp_path)
+    model = commit("conceptvlm/model.py")
+    assert runner.code_rev("text") == runner.code_rev("vlm") == model
+    commit("conceptvlm/experiments/report_v2.py")
+    commit("docs/results.md")
+    assert runner.code_rev("text") == runner.code_rev("vlm") == model
+    tower = commit("vision/towers.py")
+    assert (runner.code_rev("text"), runner.code_rev("vlm")) == (model, tower)
+    (tmp_path / "conceptvlm" / "model.py").write_text("edited")
+    assert runner.code_rev("text") == model + "+dirty"
