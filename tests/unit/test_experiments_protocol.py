@@ -220,6 +220,16 @@ def test_cell_loglikelihoods_match_one_forward_per_candidate():
 
 
 # -------------------------------------------------------------------- end to end (quick)
+# A protocol-2 text experiment small enough for a unit test: a tiny corpus, BPE of 300.
+TINY_P2 = """
+protocol: 2
+kind: text
+claim: smoke
+train_config: configs/train/tiny_text.yaml
+corpus_large: {max_units: 8, bpe_vocab: 300, heldout_pct: 40, max_chars: 512, min_segment: 64}
+tokenizer: bpe
+"""
+
 def test_protocol_2_quick_run_pairs_seeds_scores_at_trained_length_and_reports(tmp_path):
     """Two variants x two seeds of a tiny protocol-2 experiment, a few steps each."""
     pytest.importorskip("deepspeed")
@@ -228,14 +238,7 @@ def test_protocol_2_quick_run_pairs_seeds_scores_at_trained_length_and_reports(t
 
     exps = tmp_path / "exps"
     exps.mkdir()
-    (exps / "p2.yaml").write_text("""
-protocol: 2
-kind: text
-claim: smoke
-train_config: configs/train/tiny_text.yaml
-corpus_large: {max_units: 8, bpe_vocab: 300, heldout_pct: 40, max_chars: 512, min_segment: 64}
-tokenizer: bpe
-epochs: 1.0
+    (exps / "p2.yaml").write_text(TINY_P2 + """epochs: 1.0
 seeds: [0, 1]
 eval_limit: 2
 overrides: [data.seq_len=128, data.batch_size=4, data.shuffle_buffer=8, data.shuffle_initial=4, optim.warmup_steps=1]
@@ -307,14 +310,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_row_and_done_rows_are_s
     import conceptvlm.train as train_mod
     from conceptvlm.experiments.runner import run_experiment
 
-    (tmp_path / "p2.yaml").write_text("""
-protocol: 2
-kind: text
-claim: smoke
-train_config: configs/train/tiny_text.yaml
-corpus_large: {max_units: 8, bpe_vocab: 300, heldout_pct: 40, max_chars: 512, min_segment: 64}
-tokenizer: bpe
-steps: 6
+    (tmp_path / "p2.yaml").write_text(TINY_P2 + """steps: 6
 save_every: 2
 seeds: [0]
 eval_limit: 2
