@@ -186,18 +186,30 @@ def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
 
 def best_lr_lines(by: dict[str, dict[int, dict]]) -> list[str]:
     """For a learning-rate sweep (rows of one router at several lr): the lr with the lowest
-    mean held-out bpb per router, which the later stages take (``--override optim.lr=X``)."""
+    mean held-out bpb per router, which the later stages' YAMLs take, flagged when it is the
+    lowest or highest lr swept (the optimum may lie beyond it)."""
     per: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for seeds in by.values():
         for r in seeds.values():
             x = METRICS["held_bpb"][1](r)
             if r.get("lr") is not None and x is not None:
                 per[r["router"]][float(r["lr"])].append(x)
-    best = {router: min(lrs, key=lambda lr: sum(lrs[lr]) / len(lrs[lr])) for router, lrs in per.items() if len(lrs) > 1}
-    if not best:
+    parts = []
+    for router, lrs in per.items():
+        if len(lrs) < 2:
+            continue
+        best = min(lrs, key=lambda lr: sum(lrs[lr]) / len(lrs[lr]))
+        edge = " (the edge of the swept range)" if best in (min(lrs), max(lrs)) else ""
+        parts.append(f"{router} at lr {best:g}{edge}")
+    if not parts:
         return []
-    return ["Lowest held-out bpb per router: " + ", ".join(f"{k} at lr {v:g}" for k, v in best.items())
-            + " (the later stages' `--override optim.lr=X`).", ""]
+    return ["Lowest held-out bpb per router: " + ", ".join(parts) + " (the later stages take these).", ""]
+
+
+def note_lines(exp: dict) -> list[str]:
+    """The experiment YAML's ``notes:``: facts measured by hand about its rows (e.g. that two
+    code revisions train identically), printed under its table."""
+    return [f"Note: {n}" for n in exp.get("notes", [])] + ([""] if exp.get("notes") else [])
 
 
 def gate(exp: dict, by: dict) -> tuple[Optional[bool], str]:
@@ -259,7 +271,7 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
             lines += [f"**Verdicts withheld**: {problem}.", ""]
         kind_cells = any("cells" in r["held"] for r in rows_used)
         lines += (cells_table(by) if kind_cells else text_table(by)) + [""]
-        lines += best_lr_lines(by)
+        lines += best_lr_lines(by) + note_lines(exp)
         gate_ok, gate_line = gate(exp, by)
         if gate_line:
             lines += [gate_line, ""]

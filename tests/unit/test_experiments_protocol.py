@@ -145,8 +145,18 @@ def test_lr_sweep_names_the_best_lr_per_router():
     for lr, none_bpb, cos_bpb in ((1e-3, 3.2, 3.3), (2e-3, 3.1, 3.25), (4e-3, 3.15, 3.2)):
         rows.append(dict(_row(f"none-{lr}", 0, none_bpb, router="none"), lr=lr))
         rows.append(dict(_row(f"cosine-{lr}", 0, cos_bpb), lr=lr))
-    assert best_lr_lines(latest(rows))[0].startswith("Lowest held-out bpb per router: none at lr 0.002, cosine at lr 0.004")
+    line = best_lr_lines(latest(rows))[0]
+    # none's best sits inside the swept range; cosine's is its highest lr, which is flagged
+    assert line.startswith("Lowest held-out bpb per router: none at lr 0.002, cosine at lr 0.004 (the edge")
+    assert line.count("edge") == 1
     assert best_lr_lines(latest(rows[:2])) == []  # one lr per router: not a sweep
+
+
+def test_experiment_notes_print_under_the_table():
+    from conceptvlm.experiments.report_v2 import note_lines
+
+    assert note_lines({}) == []
+    assert note_lines({"notes": ["rerun matched bit for bit"]}) == ["Note: rerun matched bit for bit", ""]
 
 
 # ------------------------------------------------------------------- grounding cells
