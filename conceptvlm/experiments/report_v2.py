@@ -206,6 +206,16 @@ def best_lr_lines(by: dict[str, dict[int, dict]]) -> list[str]:
     return ["Lowest held-out bpb per router: " + ", ".join(parts) + " (the later stages take these).", ""]
 
 
+def problem_lines(exp: dict, problem: Optional[str]) -> list[str]:
+    """What a table with mixed revisions or unpaired seeds says: its verdicts are withheld;
+    a sweep decides no claim, so it is only flagged (its note may vouch for the mix)."""
+    if not problem:
+        return []
+    if exp.get("claims"):
+        return [f"**Verdicts withheld**: {problem}.", ""]
+    return [f"**Caution**: {problem}" + (" (see the note under the table)" if exp.get("notes") else "") + ".", ""]
+
+
 def note_lines(exp: dict) -> list[str]:
     """The experiment YAML's ``notes:``: facts measured by hand about its rows (e.g. that two
     code revisions train identically), printed under its table."""
@@ -267,8 +277,7 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
             lines.append(overlap_line(r_last))
         lines.append("")
         problem = revision_problem(rows_used) or pairing_problem(by)
-        if problem:
-            lines += [f"**Verdicts withheld**: {problem}.", ""]
+        lines += problem_lines(exp, problem)
         kind_cells = any("cells" in r["held"] for r in rows_used)
         lines += (cells_table(by) if kind_cells else text_table(by)) + [""]
         lines += best_lr_lines(by) + note_lines(exp)

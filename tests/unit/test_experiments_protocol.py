@@ -152,11 +152,16 @@ def test_lr_sweep_names_the_best_lr_per_router():
     assert best_lr_lines(latest(rows[:2])) == []  # one lr per router: not a sweep
 
 
-def test_experiment_notes_print_under_the_table():
-    from conceptvlm.experiments.report_v2 import note_lines
+def test_experiment_notes_print_under_the_table_and_a_mixed_sweep_is_only_flagged():
+    from conceptvlm.experiments.report_v2 import note_lines, problem_lines
 
     assert note_lines({}) == []
-    assert note_lines({"notes": ["rerun matched bit for bit"]}) == ["Note: rerun matched bit for bit", ""]
+    sweep = {"notes": ["rerun matched bit for bit"]}
+    assert note_lines(sweep) == ["Note: rerun matched bit for bit", ""]
+    assert problem_lines(sweep, None) == []
+    assert problem_lines(sweep, "rows from 2 revisions")[0] == \
+        "**Caution**: rows from 2 revisions (see the note under the table)."
+    assert problem_lines({"claims": [{"id": "c"}]}, "rows from 2 revisions")[0].startswith("**Verdicts withheld**")
 
 
 # ------------------------------------------------------------------- grounding cells
