@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..logging_utils import read_jsonl
 from .runner import RESULTS_DIR, load_experiment, machine
 
 # (stage, experiment, the variant timed for it: the most expensive one)
@@ -28,8 +29,7 @@ WARMUP_STEPS = 4  # excluded from the per-step time (first steps pay allocation 
 
 
 def _step_time(metrics: Path) -> float:
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    times = [r["step_time_s"] for r in rows if "step_time_s" in r][WARMUP_STEPS:]
+    times = [r["step_time_s"] for r in read_jsonl(metrics) if "step_time_s" in r][WARMUP_STEPS:]
     return sum(times) / max(len(times), 1)
 
 
