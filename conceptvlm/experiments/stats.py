@@ -37,6 +37,8 @@ class Paired:
     hi: float
 
     def fmt(self, nd: int = 3, unit: str = "") -> str:
+        if self.n == 0:  # one side has no rows yet (a table still being run)
+            return "none yet (no seed has rows for both)"
         if self.n < 2:
             return f"{self.mean:+.{nd}f}{unit} (1 seed, no interval)"
         return f"{self.mean:+.{nd}f}{unit} [95% CI {self.lo:+.{nd}f}, {self.hi:+.{nd}f}] over {self.n} seeds"

@@ -96,6 +96,8 @@ def test_paired_interval_and_verdicts_on_made_up_numbers():
     wide = S.paired({0: 1.0, 1: 1.0, 2: 1.0}, {0: 1.1, 1: 1.2, 2: 1.3})  # mean -0.2, half-width 0.248
     assert S.verdict_less(wide) == S.INCONCLUSIVE
     assert S.verdict_less(S.paired({0: 1.0}, {0: 2.0})) == S.INCONCLUSIVE  # one seed: no interval
+    nothing = S.paired({0: 1.0}, {})  # one variant has no rows yet: no number is printed for it
+    assert S.verdict_less(nothing) == S.INCONCLUSIVE and "nan" not in nothing.fmt() and "none yet" in nothing.fmt()
     assert S.combine([S.HOLDS, S.HOLDS]) == S.HOLDS
     assert S.combine([S.HOLDS, S.INCONCLUSIVE]) == S.INCONCLUSIVE
     assert S.combine([S.INCONCLUSIVE, S.FAILS]) == S.FAILS
