@@ -198,7 +198,7 @@ def best_lr_lines(by: dict[str, dict[int, dict]]) -> list[str]:
     for router, lrs in per.items():
         if len(lrs) < 2:
             continue
-        best = min(lrs, key=lambda lr: sum(lrs[lr]) / len(lrs[lr]))
+        best = min(lrs, key=lambda lr: S.mean_sd(lrs[lr])[0])
         edge = " (the edge of the swept range)" if best in (min(lrs), max(lrs)) else ""
         parts.append(f"{router} at lr {best:g}{edge}")
     if not parts:
