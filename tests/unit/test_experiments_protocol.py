@@ -1,6 +1,7 @@
 """The second experiment protocol itself (issue 16): trained-length windows, the leakage
 check, seed pairing, the ±5% ratio rule, paired verdicts, the grounding-cell scorer."""
 import json
+import os
 import random
 
 import numpy as np
@@ -312,11 +313,16 @@ def test_plan_table_counts_done_runs_and_prices_the_rest_at_their_mean_wall_time
         "step_s": 2.0, "eval_s": 10.0, "eval_units": 1000, "eval_unit": "token", "seeds": [0, 1, 2],
         "n_variants": 4, "full_steps": 900, "full_eval_units": 36_000, "load_avg_1min": 0.5}}))
     rows = [{"variant": "a", "seed": 0, "wall_s": 3600.0}, {"variant": "a", "seed": 0, "wall_s": 1800.0},  # rerun
-            {"variant": "b", "seed": 0, "wall_s": 5400.0}, {"variant": "a", "seed": 1, "wall_s": 99.0, "quick": True}]
-    line = next(x for x in plan_lines(tmp_path, {name: rows}) if f"| {name} |" in x)
-    # 2 runs done (the last row of a rerun counts once, quick rows not at all): 2.0 h spent;
-    # 10 left at their mean 1.0 h
-    assert line.endswith("| 2 | 2.0 | 10.0 |"), line
+            {"variant": "b", "seed": 0, "wall_s": 600.0, "train_wall_s": 4800.0, "eval_wall_s": 600.0,  # resumed
+             "steps": 900, "train_step_s_total": 2700.0},
+            {"variant": "a", "seed": 1, "wall_s": 99.0, "quick": True}]
+    lines = plan_lines(tmp_path, {name: rows})
+    line = next(x for x in lines if f"| {name} |" in x)
+    # 2 runs done (the last row of a rerun counts once, quick rows not at all); the resumed
+    # run counts every piece: 0.5 + 1.5 = 2.0 h spent; 10 left at their mean 1.0 h; the
+    # step time in runs is from the rows that log it
+    assert line.endswith(f"| 2.00 | 0.5 on {os.cpu_count()} cores | 3.00 | 36,000 tokens | 7.2 | 2 | 2.0 | 10.0 |"), line
+    assert any(x.startswith("Total: **12 CPU hours**: spent so far 2.0, left about 10") for x in lines), lines
 
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_row_and_done_rows_are_skipped(tmp_path, monkeypatch):
