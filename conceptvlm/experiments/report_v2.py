@@ -180,7 +180,8 @@ def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
                     m = S.mean_sd(vals)[0]
                     ci = f"[95% CI {100 * lo:+.1f}%, {100 * hi:+.1f}%]" if lo == lo else "(1 seed, no interval)"
                     parts.append(f"{v} {mod} {m:.2f} vs {target:g}: {100 * (m / target - 1):+.1f}% {ci} → {verdict}")
-            out.append(f"- {head}: **{S.combine(verdicts) if verdicts else S.INCONCLUSIVE}**. " + "; ".join(parts) + ".")
+            found = "; ".join(parts) if parts else f"no rows yet for {', '.join(c['ratios'])}"
+            out.append(f"- {head}: **{S.combine(verdicts) if verdicts else S.INCONCLUSIVE}**. {found}.")
     return out
 
 

@@ -119,6 +119,13 @@ def _row(variant, seed, bpb, router="cosine", matched=True, git="abc1234", order
             "git": git, "data_order": f"{order}{seed}", "held": {"all": {"bits_per_byte": bpb}}}
 
 
+def test_ratio_claim_without_rows_says_so():
+    from conceptvlm.experiments.report_v2 import claim_lines
+
+    claim = {"claims": [{"id": "r", "text": "ratios reached", "ratios": ["r4-a", "r4-b"]}]}
+    assert claim_lines(claim, {}, None)[0].endswith("**inconclusive**. no rows yet for r4-a, r4-b.")
+
+
 def test_claims_leave_out_unmatched_rows_and_mixed_revisions_withhold_verdicts():
     from conceptvlm.experiments.report_v2 import claim_lines, latest, pairing_problem, revision_problem
 
