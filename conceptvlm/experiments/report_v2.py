@@ -88,7 +88,7 @@ def text_table(by: dict[str, dict[int, dict]]) -> list[str]:
             f"{_col(rs, lambda r: r['held'].get('code', {}).get('bits_per_byte'))} | {_col(rs, METRICS['ood_bpb'][1])} | "
             f"{_col(rs, lambda r: r['held']['all'].get('realised_ratio'), 2)} | {matched}/{len(rs)} | "
             f"{r0.get('flops_linear_per_token', float('nan')):,.0f} | {r0.get('flops_attention_per_token', float('nan')):,.0f} | "
-            f"{epochs} | {_col(rs, lambda r: r['train_wall_s'], 0)} |")
+            f"{epochs} | {_col(rs, train_seconds, 0)} |")
     return lines
 
 
@@ -105,7 +105,7 @@ def cells_table(by: dict[str, dict[int, dict]]) -> list[str]:
                      f"{','.join(str(r['seed']) for r in rs)} | {_col(rs, cell('accuracy'))} | "
                      f"{_col(rs, cell('within_one'))} | {_col(rs, cell('row_error'), 2)} | "
                      f"{_col(rs, cell('col_error'), 2)} | {_col(rs, ratio('text'), 2)} | {_col(rs, ratio('image'), 2)} | "
-                     f"{sum(bool(r.get('matched')) for r in rs)}/{len(rs)} | {_col(rs, lambda r: r['train_wall_s'], 0)} |")
+                     f"{sum(bool(r.get('matched')) for r in rs)}/{len(rs)} | {_col(rs, train_seconds, 0)} |")
     return lines
 
 
@@ -347,10 +347,17 @@ def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[
     return out + [""]
 
 
+def train_seconds(row: dict) -> float:
+    """A row's training time: its wall time over the pieces that ran, or the sum of its
+    logged step times when larger (rows written before the runner counted the time of a
+    piece that was killed lost that piece's wall time; its steps stay in the log)."""
+    return max(float(row.get("train_wall_s", 0.0)), float(row.get("train_step_s_total", 0.0)))
+
+
 def _run_hours(row: dict) -> float:
     """A row's CPU hours. ``wall_s`` covers only the process that finished the run; a run
     resumed across processes has its training time over every piece in ``train_wall_s``."""
-    pieces = float(row.get("train_wall_s", 0.0)) + float(row.get("eval_wall_s", 0.0))
+    pieces = train_seconds(row) + float(row.get("eval_wall_s", 0.0))
     return max(float(row.get("wall_s", 0.0)), pieces) / 3600
 
 

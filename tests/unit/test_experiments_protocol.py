@@ -119,6 +119,14 @@ def _row(variant, seed, bpb, router="cosine", matched=True, git="abc1234", order
             "git": git, "data_order": f"{order}{seed}", "held": {"all": {"bits_per_byte": bpb}}}
 
 
+def test_training_time_of_a_row_counts_steps_a_killed_piece_left_out():
+    from conceptvlm.experiments.report_v2 import train_seconds
+
+    assert train_seconds({"train_wall_s": 2084.0, "train_step_s_total": 2070.0}) == 2084.0  # one piece: wall time
+    assert train_seconds({"train_wall_s": 1109.0, "train_step_s_total": 2482.0}) == 2482.0  # a killed piece's steps
+    assert train_seconds({"train_wall_s": 12.0}) == 12.0  # rows before step times were summed
+
+
 def test_ratio_claim_without_rows_says_so():
     from conceptvlm.experiments.report_v2 import claim_lines
 
