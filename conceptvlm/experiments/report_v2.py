@@ -142,13 +142,20 @@ def _link(by: dict, a: str, b: str, metric: str) -> tuple[str, S.Paired, str]:
     return verdict, p, "; ".join(notes)
 
 
+def _provisional(verdict: str, n_seeds: int) -> str:
+    """A decided verdict on fewer paired seeds than the protocol's minimum is not a verdict yet."""
+    if verdict == S.INCONCLUSIVE or n_seeds >= S.MIN_SEEDS_HEADLINE:
+        return verdict
+    return f"{S.INCONCLUSIVE} (reads '{verdict}' on {n_seeds} paired seed(s); the protocol needs {S.MIN_SEEDS_HEADLINE})"
+
+
 def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
     out = []
     for c in exp.get("claims", []):
         head = f"**Claim: {c['text']}**"
         if "chain" in c:
             links = [_link(by, a, b, c["metric"]) for a, b in zip(c["chain"], c["chain"][1:])]
-            verdict = S.combine([v for v, _, _ in links])
+            verdict = _provisional(S.combine([v for v, _, _ in links]), min(p.n for _, p, _ in links))
             sign = "−" if METRICS[c["metric"]][2] else "(b − a)"
             parts = [f"{a} vs {b}: {v}, {sign} paired difference {p.fmt()}" + (f" ({note})" if note else "")
                      for (a, b), (v, p, note) in zip(zip(c["chain"], c["chain"][1:]), links)]
@@ -161,7 +168,7 @@ def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
             if c.get("gated") and gate_ok is not True:
                 out.append(f"- {head}: **not compared (gate not passed)**; {a} − {b} {p.fmt()}.")
                 continue
-            v = S.verdict_not_worse(p, float(c.get("margin", 0.0)))
+            v = _provisional(S.verdict_not_worse(p, float(c.get("margin", 0.0))), p.n)
             left = f"; {da + db} not-matched row(s) left out" if da or db else ""
             out.append(f"- {head}: **{v}**. {a} − {b}: {p.fmt()} (margin {c.get('margin', 0)}){left}.")
         elif "ratios" in c:

@@ -145,6 +145,8 @@ def test_claims_leave_out_unmatched_rows_and_mixed_revisions_withhold_verdicts()
     rows[-1]["matched"] = rows[-2]["matched"] = False  # seeds 3, 4 of dyn miss their ratio
     line = claim_lines(claim, latest(rows), None)[0]
     assert "over 3 seeds" in line and "2 not-matched row(s) left out" in line
+    # the interval excludes 0 on 3 seeds, but the protocol's minimum is 5: not a verdict yet
+    assert "**inconclusive (reads 'holds' on 3 paired seed(s); the protocol needs 5)**" in line
     assert revision_problem(rows) is None
     rows[0]["git"] = "def5678"
     assert "2 revisions" in revision_problem(rows)
