@@ -373,7 +373,7 @@ def progress(rows: list[dict]) -> tuple[int, float, Optional[float]]:
     the last row of each (variant, seed)."""
     done = [r for seeds in latest([r for r in rows if not r.get("quick")]).values() for r in seeds.values()]
     per_step = [r["train_step_s_total"] / r["steps"] for r in done if r.get("train_step_s_total") and r.get("steps")]
-    return len(done), sum(_run_hours(r) for r in done), (sum(per_step) / len(per_step) if per_step else None)
+    return len(done), sum(_run_hours(r) for r in done), (S.mean_sd(per_step)[0] if per_step else None)
 
 
 def plan_lines(results_dir, rows: Optional[dict[str, list[dict]]] = None) -> list[str]:
