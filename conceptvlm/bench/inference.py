@@ -29,7 +29,8 @@ Beside each measured ratio the predicted one: prefill from FLOPs, decode from by
 per step at that batch (:func:`conceptvlm.flops.decode_step_bytes`: weights once per step
 for the whole batch, with the expected number of distinct experts the batch activates;
 the KV cache once per row). KV-cache bytes are measured with ``state.kv_bytes()``. Eval
-mode, float32, ``torch.inference_mode``.
+mode, ``torch.inference_mode``; float32 on the CPU by default, ``--device cuda --dtype
+bfloat16`` on a GPU (the clock then waits for the GPU's queue before each reading).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from .interleave import period_ratios, period_sums, round_robin, spread
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (512, 1024)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GOAL_BATCHES = (1, 8)  # the decode goals at 16k, R = 2 are checked at these batch sizes
 
 
@@ -131,7 +133,7 @@ def decode_states(models: dict, ids_BT: torch.Tensor, length: int, batch: int, p
         for key, model in models.items():
             stagger = 1 if model.config.chunk.router == "none" else period
             states[key], next_at_B = staggered_state(model, ids_BT, length, batch, stagger)
-            t_BT = next_at_B[:, None] + torch.arange(ids_BT.shape[1] - length)
+            t_BT = next_at_B[:, None] + torch.arange(ids_BT.shape[1] - length, device=ids_BT.device)
             next_BT[key] = ids_BT[:batch].gather(1, t_BT)
     return states, next_BT
 
@@ -152,11 +154,11 @@ def measure_decode(models: dict, states: dict, next_BT: dict, warm: int, steps: 
     return round_robin({k: step(k, warm) for k in models}, steps, clock)
 
 
-def _prefill_row(key, cfg, base_cfg, L: int, base_s: list[float], s: list[float]) -> dict:
+def _prefill_row(key, cfg, base_cfg, L: int, base_s: list[float], s: list[float], dtype_bytes: int = 4) -> dict:
     from ..flops import predicted_speedups, prefill_flops
 
     variant, R = key
-    pred = predicted_speedups(base_cfg, cfg, L, R, dtype_bytes=4)["prefill"]
+    pred = predicted_speedups(base_cfg, cfg, L, R, dtype_bytes=dtype_bytes)["prefill"]
     ratio = spread([a / b for a, b in zip(base_s, s)])  # adjacent calls: the same moment
     return {"variant": variant, "ratio": R, "length": L,
             "prefill_s_baseline": spread(base_s)["median"], "prefill_s": spread(s)["median"],
@@ -168,23 +170,23 @@ def _prefill_row(key, cfg, base_cfg, L: int, base_s: list[float], s: list[float]
 
 
 def _decode_row(key, cfg, base_cfg, L: int, batch: int, base_s: list[float], s: list[float],
-                kv_base: dict, kv: dict) -> dict:
+                kv_base: dict, kv: dict, dtype_bytes: int = 4) -> dict:
     from ..flops import decode_step_bytes, kv_cache_bytes, predicted_speedups
 
     variant, R = key
     p = _period(R)
     ratios = period_ratios(base_s, s, p)
     r = spread(ratios)
-    pred = predicted_speedups(base_cfg, cfg, L, R, dtype_bytes=4, batch=batch)["decode"]
+    pred = predicted_speedups(base_cfg, cfg, L, R, dtype_bytes=dtype_bytes, batch=batch)["decode"]
     tok_s = lambda steps: batch * p / spread(period_sums(steps, p))["median"]  # noqa: E731
     return {
         "variant": variant, "ratio": R, "length": L, "batch": batch, "decode_period": p,
         "decode_tok_s_baseline": tok_s(base_s), "decode_tok_s": tok_s(s),
         "decode_speedup": r["median"], "decode_speedup_q25": r["q25"], "decode_speedup_q75": r["q75"],
         "decode_iqr_rel": r["iqr_rel"], "decode_predicted": pred, "decode_vs_predicted": r["median"] / pred,
-        "decode_bytes": decode_step_bytes(cfg, L, R, batch=batch)["all"],
-        "decode_bytes_baseline": decode_step_bytes(base_cfg, L, batch=batch)["all"],
-        "kv_bytes_baseline": kv_base, "kv_bytes": kv, "kv_bytes_predicted": kv_cache_bytes(cfg, L, R, 4, batch=batch),
+        "decode_bytes": decode_step_bytes(cfg, L, R, batch=batch, dtype_bytes=dtype_bytes)["all"],
+        "decode_bytes_baseline": decode_step_bytes(base_cfg, L, batch=batch, dtype_bytes=dtype_bytes)["all"],
+        "kv_bytes_baseline": kv_base, "kv_bytes": kv, "kv_bytes_predicted": kv_cache_bytes(cfg, L, R, dtype_bytes, batch=batch),
         "kv_concept_reduction": kv_base["concept"] / max(kv["concept"], 1),
         "kv_total_reduction": kv_base["total"] / max(kv["total"], 1),
         "decode_period_ratios": ratios, "decode_step_s_baseline": base_s, "decode_step_s": s,
@@ -196,7 +198,8 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
                         match: str = "topk", model: Optional[BenchModel] = None, threads: Optional[int] = None,
                         repeats: int = 3, batches: Sequence[int] = (1,), budget_s: Optional[float] = None,
                         quick: bool = False, out: Optional[str] = "runs/bench/inference.json",
-                        plot: Optional[str] = None, seed: int = 0, clock: str = "wall") -> dict:
+                        plot: Optional[str] = None, seed: int = 0, clock: str = "wall", device: str = "cpu",
+                        dtype: str = "float32") -> dict:
     """Measure prefill and decode of the baseline and each ConceptMoE variant, interleaved.
 
     ``repeats`` prefills per model and length (batch 1); ``decode_steps`` timed decode
@@ -205,6 +208,8 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
     (what ran is reported). ``quick``: lengths 512 and 1024, 12 decode steps.
     ``clock="cpu"`` times with the process's CPU time instead of wall time: with
     ``threads=1`` it measures the work done even while other jobs hold the cores.
+    ``device``/``dtype`` place the models (``cuda`` + ``bfloat16`` on a GPU); the byte
+    predictions use that dtype's size.
     Returns the payload written to ``out``: ``prefill`` and ``decode`` rows (medians,
     quartiles and every sample), ``goals`` and the printed tables.
     """
@@ -220,6 +225,10 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
     if threads:
         torch.set_num_threads(threads)
     spec = model or BenchModel()
+    dev, dt = torch.device(device), DTYPES[dtype]
+    if dev.type == "cuda" and clock == "cpu":
+        raise ValueError("--clock cpu times the host only: a GPU's work needs --clock wall")
+    elem = torch.empty((), dtype=dt).element_size()
     lengths = sorted(int(L) for L in lengths)
     period = math.lcm(*[_period(R) for R in ratios])
     warm = 2 * period
@@ -229,15 +238,15 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
     models = {}
     for key, cfg in configs.items():
         torch.manual_seed(seed)
-        models[key] = ConceptMoE(cfg).eval()
+        models[key] = ConceptMoE(cfg).to(dev, dt).eval()
         with torch.inference_mode():  # warm-up: allocator, kernels, first cache growth
-            o = models[key](torch.zeros(1, 64, dtype=torch.long), use_cache=True)
+            o = models[key](torch.zeros(1, 64, dtype=torch.long, device=dev), use_cache=True)
             for _ in range(3):
-                o = models[key](torch.zeros(1, 1, dtype=torch.long), state=o.state)
+                o = models[key](torch.zeros(1, 1, dtype=torch.long, device=dev), state=o.state)
     print(f"bench inference: width {spec.d_model}, {spec.n_layers} layers (1 enc + {spec.n_layers - 2} concept + "
           f"1 dec), {spec.n_experts} experts top-{spec.top_k} (hidden {spec.expert_hidden}), heads "
-          f"{spec.n_heads}/{spec.n_kv_heads} kv, vocab {spec.vocab_size}; float32, {torch.get_num_threads()} "
-          f"threads, {clock} clock; models interleaved: prefill {repeats} repeats (batch 1), decode {warm} warm-up + "
+          f"{spec.n_heads}/{spec.n_kv_heads} kv, vocab {spec.vocab_size}; {dtype} on {_device_name(dev)}, "
+          f"{torch.get_num_threads()} threads, {clock} clock; models interleaved: prefill {repeats} repeats (batch 1), decode {warm} warm-up + "
           f"{decode_steps} timed steps at batch {' '.join(map(str, batches))} (rows staggered over a period of "
           f"{period})", flush=True)
     for R, m in matches.items():
@@ -245,18 +254,19 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
               f"total params {m['params_mismatch_pct']:+.2f}%", flush=True)
 
     g = torch.Generator().manual_seed(seed)
-    clk = CLOCKS[clock]
+    clk = _synced(CLOCKS[clock], dev)
     base_key = ("baseline", 1.0)
     pre_rows, dec_rows, skipped, t_start = [], [], [], time.perf_counter()
     for L in lengths:
         if budget_s is not None and time.perf_counter() - t_start > budget_s:
             skipped.append(L)
             continue
-        ids = torch.randint(0, spec.vocab_size, (max(batches), L + warm + decode_steps), generator=g)
+        ids = torch.randint(0, spec.vocab_size, (max(batches), L + warm + decode_steps), generator=g).to(dev)
         times, last = measure_prefill(models, ids[:1, :L], repeats, clk)
+        check_realised_ratios(last, L, dtype)
         for key in models:
             if key != base_key:
-                r = _prefill_row(key, configs[key], base_cfg, L, times[base_key], times[key])
+                r = _prefill_row(key, configs[key], base_cfg, L, times[base_key], times[key], elem)
                 pre_rows.append(r)
                 print(f"  L={L:>6} {key[0]:<10} R={key[1]:<4g} prefill {r['prefill_s']:.2f}s vs "
                       f"{r['prefill_s_baseline']:.2f}s: {r['prefill_speedup']:.2f}x (IQR "
@@ -275,7 +285,7 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
                 if key == base_key:
                     continue
                 r = _decode_row(key, configs[key], base_cfg, L, b, times[base_key], times[key], kv[base_key],
-                                kv[key])
+                                kv[key], elem)
                 dec_rows.append(r)
                 print(f"  L={L:>6} {key[0]:<10} R={key[1]:<4g} batch {b:<3} decode {r['decode_tok_s']:.1f} vs "
                       f"{r['decode_tok_s_baseline']:.1f} tok/s: {r['decode_speedup']:.2f}x (IQR "
@@ -289,11 +299,47 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
     payload = {"config": {"model": spec.__dict__, "lengths": lengths, "ratios": list(ratios), "batches": batches,
                           "decode_steps": decode_steps, "warm_steps": warm, "repeats": repeats, "period": period,
                           "variants": list(variants), "match": matches,
-                          "threads": torch.get_num_threads(), "clock": clock, "skipped_lengths": skipped,
+                          "threads": torch.get_num_threads(), "clock": clock, "device": _device_name(dev), "dtype": dtype, "skipped_lengths": skipped,
                           "method": "interleaved: median and IQR of per-repeat prefill ratios and of per-period "
                                     "decode ratios (conceptvlm.bench.interleave)"},
                "prefill": pre_rows, "decode": dec_rows, "goals": _goals(pre_rows, dec_rows), "tables": tables}
     return finish(payload, out, plot, lambda path: plot_results(pre_rows, dec_rows, path))
+
+
+def realised_ratio(state) -> float:
+    """Tokens per concept held in a decoding state (its caches' key counts)."""
+    tokens, concepts = state.tokens.index.lengths, state.concepts.index.lengths
+    return float(tokens.sum()) / max(float(concepts.sum()), 1.0)
+
+
+def check_realised_ratios(states: dict, length: int, dtype: str, tol: float = 0.05) -> None:
+    """Each model must hold about one concept per R tokens after its prefill, or its
+    timings compare a different model (a fixed router whose boundaries drift, say);
+    raises with the ratios found."""
+    bad = []
+    for (variant, R), state in states.items():
+        got = realised_ratio(state)
+        if abs(got / R - 1) > tol:
+            bad.append(f"{variant} R={R:g} holds {got:.2f} tokens per concept")
+    if bad:
+        raise RuntimeError(f"bench inference at L={length} in {dtype}: " + "; ".join(bad)
+                           + f" (more than {100 * tol:.0f}% off): the timings would compare other models")
+
+
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def _synced(clock: Callable[[], float], dev: torch.device) -> Callable[[], float]:
+    """``clock``, reading only once the GPU has finished what was queued (kernels run
+    asynchronously: without it a step would be timed by its launches)."""
+    if dev.type != "cuda":
+        return clock
+
+    def read() -> float:
+        torch.cuda.synchronize(dev)
+        return clock()
+    return read
 
 
 def _tables(pre_rows: list[dict], dec_rows: list[dict]) -> dict[str, str]:
@@ -386,13 +432,33 @@ def plot_results(pre_rows: list[dict], dec_rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The bench model's shape and where it runs (shared with ``decode-profile``)."""
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--expert-hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N on a GPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="weights and caches (bfloat16 on a GPU; the CPU's kernels favour float32)")
+
+
+def model_from_args(args: argparse.Namespace) -> BenchModel:
+    return BenchModel(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads, n_layers=args.layers,
+                      n_experts=args.experts, top_k=args.top_k, expert_hidden=args.expert_hidden,
+                      vocab_size=args.vocab)
+
+
 def _run(args: argparse.Namespace) -> int:
-    spec = BenchModel(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads, n_layers=args.layers,
-                      n_experts=args.experts, top_k=args.top_k, expert_hidden=args.expert_hidden, vocab_size=args.vocab)
     run_inference_bench(lengths=args.lengths, ratios=args.ratios,
-                        decode_steps=args.decode_steps, variants=args.variants, match=args.match, model=spec,
-                        threads=args.threads, repeats=args.repeats, batches=args.batch, budget_s=args.budget_s,
-                        quick=args.quick, out=args.out, plot=args.plot, seed=args.seed, clock=args.clock)
+                        decode_steps=args.decode_steps, variants=args.variants, match=args.match,
+                        model=model_from_args(args), threads=args.threads, repeats=args.repeats, batches=args.batch,
+                        budget_s=args.budget_s, quick=args.quick, out=args.out, plot=args.plot, seed=args.seed,
+                        clock=args.clock, device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -409,14 +475,7 @@ def register_bench(bench_subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--variants", nargs="+", choices=["efficiency", "matched"], default=["efficiency", "matched"])
     p.add_argument("--match", choices=["topk", "loops", "width"], default="topk",
                    help="reallocation strategy of the compute-matched variant")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--expert-hidden", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=512)
+    add_model_args(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 is steadier on a shared, loaded machine)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",

@@ -27,14 +27,14 @@ def _cfg(d, shards, *extra):
     return load_train_config(train_yaml(d / "t.yaml", shards), ["train.steps=6", "train.save_every=3", *extra])
 
 
+def kill_at_step_5(step, loss):  # `step` = optimizer steps done: dies inside step 5
+    if step == 4:
+        raise Killed
+    return loss
+
+
 def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path, shards):
     full = train(_cfg(tmp_path / "full", shards))["losses"]
-
-    def kill_at_step_5(step, loss):  # `step` = optimizer steps done: dies inside step 5
-        if step == 4:
-            raise Killed
-        return loss
-
     with pytest.raises(Killed):
         train(_cfg(tmp_path / "part", shards), loss_hook=kill_at_step_5)
     assert latest_tag(tmp_path / "part" / "run" / "checkpoints") == "step_00000003"
@@ -42,6 +42,16 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path, shards):
     assert resumed["losses"] == full[3:]  # exactly, not approximately
     logged = read_jsonl(tmp_path / "part" / "run" / "metrics.jsonl")  # rows after step 3 were replaced
     assert [(r["step"], r["loss"]) for r in logged] == list(zip(range(1, 7), full))
+
+
+def test_bf16_kill_and_resume_reproduces_uninterrupted_losses(tmp_path, shards):
+    """bf16 weights with DeepSpeed's float32 master copy in the ZeRO optimizer state: the
+    master copy must come back too, or every update after the resume drifts."""
+    full = train(_cfg(tmp_path / "full", shards, "parallel.precision=bf16"))["losses"]
+    with pytest.raises(Killed):
+        train(_cfg(tmp_path / "part", shards, "parallel.precision=bf16"), loss_hook=kill_at_step_5)
+    resumed = train(_cfg(tmp_path / "part", shards, "parallel.precision=bf16"))
+    assert resumed["losses"] == full[3:]
 
 
 def test_crash_mid_save_keeps_latest_on_the_last_complete_checkpoint(tmp_path, shards, monkeypatch):

@@ -91,3 +91,20 @@ def test_quick_interleaved_run_reports_consistent_medians_and_distributions(tmp_
 def test_bad_batch_is_refused():
     with pytest.raises(ValueError, match="--batch"):
         run_inference_bench(lengths=(24,), batches=(0,), model=TINY, out=None)
+
+
+def test_models_that_miss_their_ratio_are_refused():
+    """After prefill each model holds one concept per R tokens, or the timings compare
+    other models (what a fixed router rounding its positions would do)."""
+    from conceptvlm.bench.inference import check_realised_ratios, realised_ratio
+
+    cfg = TINY.baseline(400).to_dict()
+    cfg["chunk"] = {"router": "fixed", "target_ratio_text": 2.0, "target_ratio_image": 2.0}
+    torch.manual_seed(0)
+    model = ConceptMoE(type(TINY.baseline(400)).from_dict(cfg)).eval()
+    with torch.inference_mode():
+        state = model(torch.randint(0, 64, (1, 300)), use_cache=True).state
+    assert realised_ratio(state) == 2.0
+    check_realised_ratios({("efficiency", 2.0): state}, 300, "float32")
+    with pytest.raises(RuntimeError, match=r"efficiency R=3 holds 2.00 tokens per concept"):
+        check_realised_ratios({("efficiency", 3.0): state}, 300, "float32")
