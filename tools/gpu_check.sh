@@ -14,8 +14,10 @@ budget=${2:-150}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 - <<'PY' || exit 2
+import sys
 import torch
-assert torch.cuda.is_available(), "no CUDA GPU visible to torch"
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: no CUDA GPU visible to torch; the GPU checks need one (tests/gpu is skipped elsewhere)")
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16 {torch.cuda.is_bf16_supported()}")
 PY
 python3 -m pytest -q -p no:cacheprovider -rs --durations=8 tests/gpu 2>&1 | tee "$out/tests.log"
