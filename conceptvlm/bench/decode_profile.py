@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .common import parse_length, positive_int, print_table, write_result
-from .inference import BenchModel, add_model_args, model_from_args
+from .inference import BenchModel, synced_clock, add_model_args, model_from_args
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
 
@@ -52,20 +52,19 @@ def profile_decode(model, ids_BT: torch.Tensor, length: int, batch: int, period:
     from torch.profiler import ProfilerActivity, profile
 
     gpu = ids_BT.device.type == "cuda"
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    clock = synced_clock(time.perf_counter, ids_BT.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with torch.inference_mode():
         state, next_at = staggered_state(model, ids_BT, length, batch, period)
         state = _steps(model, ids_BT, state, next_at, warm)
         next_at = next_at + warm
-        sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         _steps(model, ids_BT, state, next_at, steps)
-        sync()
-        plain = (time.perf_counter() - t0) / steps
+        plain = (clock() - t0) / steps
         with profile(activities=activities) as prof:
             _steps(model, ids_BT, state, next_at, steps)
-            sync()
+            if gpu:  # the queued kernels finish inside the profiled window
+                torch.cuda.synchronize()
     events = prof.key_averages()
     counts = Counter({e.key: e.count for e in events if e.key.startswith("aten::")})
     self_us = {e.key: e.self_cpu_time_total for e in events}
@@ -92,7 +91,7 @@ def run_decode_profile(length: int = 4096, batches=(1, 8), ratio: float = 2.0, s
     inference benchmark's model) at each batch size, on ``device`` in ``dtype``; writes
     JSON to ``out``."""
     from ..model import ConceptMoE
-    from .inference import DTYPES, _period
+    from .inference import DTYPES, device_name, _period
 
     dev = torch.device(device)
 
@@ -123,7 +122,8 @@ def run_decode_profile(length: int = 4096, batches=(1, 8), ratio: float = 2.0, s
              ", ".join(f"{t['op'][6:]} {100 * t['share']:.0f}%" for t in r["top_ops"][:4])] for r in results]
     table = print_table(["model", "batch", "ms/step", "ops/step", "syncs/step", "top self time"], rows)
     payload = {"config": {"model": spec.__dict__, "length": length, "ratio": ratio, "steps": steps, "warm": warm,
-                          "threads": torch.get_num_threads(), "device": str(dev), "dtype": dtype}, "results": results, "table": table}
+                          "threads": torch.get_num_threads(), "device": device_name(dev), "dtype": dtype},
+               "results": results, "table": table}
     if out:
         print(f"wrote {write_result(out, payload)}")
     return payload

@@ -186,7 +186,8 @@ def _decode_row(key, cfg, base_cfg, L: int, batch: int, base_s: list[float], s: 
         "decode_iqr_rel": r["iqr_rel"], "decode_predicted": pred, "decode_vs_predicted": r["median"] / pred,
         "decode_bytes": decode_step_bytes(cfg, L, R, batch=batch, dtype_bytes=dtype_bytes)["all"],
         "decode_bytes_baseline": decode_step_bytes(base_cfg, L, batch=batch, dtype_bytes=dtype_bytes)["all"],
-        "kv_bytes_baseline": kv_base, "kv_bytes": kv, "kv_bytes_predicted": kv_cache_bytes(cfg, L, R, dtype_bytes, batch=batch),
+        "kv_bytes_baseline": kv_base, "kv_bytes": kv,
+        "kv_bytes_predicted": kv_cache_bytes(cfg, L, R, dtype_bytes, batch=batch),
         "kv_concept_reduction": kv_base["concept"] / max(kv["concept"], 1),
         "kv_total_reduction": kv_base["total"] / max(kv["total"], 1),
         "decode_period_ratios": ratios, "decode_step_s_baseline": base_s, "decode_step_s": s,
@@ -228,7 +229,7 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
     dev, dt = torch.device(device), DTYPES[dtype]
     if dev.type == "cuda" and clock == "cpu":
         raise ValueError("--clock cpu times the host only: a GPU's work needs --clock wall")
-    elem = torch.empty((), dtype=dt).element_size()
+    elem = dt.itemsize
     lengths = sorted(int(L) for L in lengths)
     period = math.lcm(*[_period(R) for R in ratios])
     warm = 2 * period
@@ -245,8 +246,9 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
                 o = models[key](torch.zeros(1, 1, dtype=torch.long, device=dev), state=o.state)
     print(f"bench inference: width {spec.d_model}, {spec.n_layers} layers (1 enc + {spec.n_layers - 2} concept + "
           f"1 dec), {spec.n_experts} experts top-{spec.top_k} (hidden {spec.expert_hidden}), heads "
-          f"{spec.n_heads}/{spec.n_kv_heads} kv, vocab {spec.vocab_size}; {dtype} on {_device_name(dev)}, "
-          f"{torch.get_num_threads()} threads, {clock} clock; models interleaved: prefill {repeats} repeats (batch 1), decode {warm} warm-up + "
+          f"{spec.n_heads}/{spec.n_kv_heads} kv, vocab {spec.vocab_size}; {dtype} on {device_name(dev)}, "
+          f"{torch.get_num_threads()} threads, {clock} clock; models interleaved: prefill {repeats} repeats "
+          f"(batch 1), decode {warm} warm-up + "
           f"{decode_steps} timed steps at batch {' '.join(map(str, batches))} (rows staggered over a period of "
           f"{period})", flush=True)
     for R, m in matches.items():
@@ -254,7 +256,7 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
               f"total params {m['params_mismatch_pct']:+.2f}%", flush=True)
 
     g = torch.Generator().manual_seed(seed)
-    clk = _synced(CLOCKS[clock], dev)
+    clk = synced_clock(CLOCKS[clock], dev)
     base_key = ("baseline", 1.0)
     pre_rows, dec_rows, skipped, t_start = [], [], [], time.perf_counter()
     for L in lengths:
@@ -299,7 +301,8 @@ def run_inference_bench(lengths: Sequence[int] = DEFAULT_LENGTHS, ratios: Sequen
     payload = {"config": {"model": spec.__dict__, "lengths": lengths, "ratios": list(ratios), "batches": batches,
                           "decode_steps": decode_steps, "warm_steps": warm, "repeats": repeats, "period": period,
                           "variants": list(variants), "match": matches,
-                          "threads": torch.get_num_threads(), "clock": clock, "device": _device_name(dev), "dtype": dtype, "skipped_lengths": skipped,
+                          "threads": torch.get_num_threads(), "clock": clock, "device": device_name(dev),
+                          "dtype": dtype, "skipped_lengths": skipped,
                           "method": "interleaved: median and IQR of per-repeat prefill ratios and of per-period "
                                     "decode ratios (conceptvlm.bench.interleave)"},
                "prefill": pre_rows, "decode": dec_rows, "goals": _goals(pre_rows, dec_rows), "tables": tables}
@@ -326,11 +329,11 @@ def check_realised_ratios(states: dict, length: int, dtype: str, tol: float = 0.
                            + f" (more than {100 * tol:.0f}% off): the timings would compare other models")
 
 
-def _device_name(dev: torch.device) -> str:
+def device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
-def _synced(clock: Callable[[], float], dev: torch.device) -> Callable[[], float]:
+def synced_clock(clock: Callable[[], float], dev: torch.device) -> Callable[[], float]:
     """``clock``, reading only once the GPU has finished what was queued (kernels run
     asynchronously: without it a step would be timed by its launches)."""
     if dev.type != "cuda":
