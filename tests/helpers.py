@@ -34,6 +34,18 @@ MODEL_VARIANTS = {
 }
 
 
+def packed_batch(B=2, L=24, vocab=64):
+    """Two rows: three documents; two documents then padding."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (B, L), generator=g)
+    doc = torch.zeros(B, L, dtype=torch.long)
+    doc[0, 8:] = 1
+    doc[0, 15:] = 2
+    doc[1, 11:] = 1
+    doc[1, 19:] = -1  # padding
+    return ids, doc
+
+
 class ByteTokenizer:
     """UTF-8 bytes 0-255 plus specials: a lossless stand-in tokenizer for evaluator tests."""
     pad_id, bos_id, eos_id, image_id, image_start_id, image_end_id = 256, 257, 258, 259, 260, 261

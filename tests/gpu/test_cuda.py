@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import MODEL_VARIANTS, interleaved_row, tiny_model, tiny_vlm
+from helpers import MODEL_VARIANTS, interleaved_row, packed_batch, tiny_model, tiny_vlm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -23,15 +23,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def packed(B=2, L=30, vocab=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (B, L), generator=g)
-    doc = torch.zeros(B, L, dtype=torch.long)
-    doc[0, 11:] = 1
-    doc[1, 22:] = -1  # padding
-    return ids, doc
 
 
 def loss_and_grads(model, ids, doc):
@@ -59,7 +50,7 @@ def assert_same_direction(got: dict, want: dict, min_cos: float) -> None:
 def test_float64_forward_and_gradients_match_the_cpu(name):
     cpu = tiny_model(**MODEL_VARIANTS[name])
     gpu = tiny_model(**MODEL_VARIANTS[name]).to(CUDA)
-    ids, doc = packed()
+    ids, doc = packed_batch()
     out_c, g_c = loss_and_grads(cpu, ids, doc)
     out_g, g_g = loss_and_grads(gpu, ids.to(CUDA), doc.to(CUDA))
     torch.testing.assert_close(out_g.logits.cpu(), out_c.logits, rtol=1e-9, atol=1e-9)
@@ -107,7 +98,7 @@ def test_bf16_grouped_mm_kernel_matches_per_expert_products():
 
 @pytest.mark.parametrize("name", ["fixed", "none"])  # routers whose boundaries bf16 cannot move
 def test_bf16_training_step_tracks_float32(name):
-    ids, doc = packed()
+    ids, doc = packed_batch()
     ref = tiny_model(torch.float32, **MODEL_VARIANTS[name]).to(CUDA)
     low = tiny_model(torch.bfloat16, **MODEL_VARIANTS[name]).to(CUDA)
     out_r, g_r = loss_and_grads(ref, ids.to(CUDA), doc.to(CUDA))
@@ -124,7 +115,7 @@ def test_compiled_blocks_in_bf16_match_eager():
 
     torch._dynamo.reset()
     model = tiny_model(torch.bfloat16, **MODEL_VARIANTS["fixed"]).to(CUDA).train()
-    ids, doc = packed()
+    ids, doc = packed_batch()
     ids, doc = ids.to(CUDA), doc.to(CUDA)
     torch.manual_seed(1)
     eager, g0 = loss_and_grads(model, ids, doc)

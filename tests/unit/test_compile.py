@@ -10,7 +10,7 @@ from conceptvlm.attention import Visibility, rope_rotation
 from conceptvlm.block import Block, compile_blocks
 from conceptvlm.grouped_mm import grouped_mm, grouped_mm_loop
 
-from helpers import tiny_model
+from helpers import packed_batch, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -38,18 +38,6 @@ def test_grouped_mm_op_matches_per_expert_products_and_their_gradients(dtype):
     assert got[1][1].abs().sum() == 0  # the expert without rows gets no gradient
     # Fake kernel, autograd registration and schema agree with the real op.
     torch.library.opcheck(grouped_mm, (x, w, offs))
-
-
-def packed_batch(B=2, L=24, vocab=64):
-    """Two rows: three documents; two documents then padding."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (B, L), generator=g)
-    doc = torch.zeros(B, L, dtype=torch.long)
-    doc[0, 8:] = 1
-    doc[0, 15:] = 2
-    doc[1, 11:] = 1
-    doc[1, 19:] = -1  # padding
-    return ids, doc
 
 
 def loss_and_grads(model, ids, doc):
