@@ -18,6 +18,7 @@ from . import packed_attention
 from .config import QKNorm
 from .decoding_state import CacheIndex, KVCache, Slots
 from .packed_attention import Segments, segment_attention
+from .precision import compute_dtype, upcast
 
 
 class RMSNorm(nn.Module):
@@ -56,12 +57,7 @@ def rope_rotation(positions: torch.Tensor, head_dim: int, base: float, scaling: 
     else:
         angles = pos[..., None] * inv_freq  # [B, L, hd/2]
     # Angles stay float64 until here: large positions keep their precision.
-    return torch.polar(torch.ones_like(angles), angles).to(_rotation_dtype(dtype).to_complex())[:, None]
-
-
-def _rotation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Real dtype RoPE rotates in: float64 stays, everything else uses float32 (no bf16 complex)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.polar(torch.ones_like(angles), angles).to(compute_dtype(dtype).to_complex())[:, None]
 
 
 def apply_rope(x_BHLd: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -71,7 +67,7 @@ def apply_rope(x_BHLd: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     multiply (three ops instead of the ten of the cos/sin form: decode steps are
     op-bound). Half precision rotates in float32 (there is no bf16 complex type).
     """
-    xc = torch.view_as_complex(x_BHLd.to(_rotation_dtype(x_BHLd.dtype)).unflatten(-1, (-1, 2)))
+    xc = torch.view_as_complex(upcast(x_BHLd).unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * rot).flatten(-2).to(x_BHLd.dtype)
 
 

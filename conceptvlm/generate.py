@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .eval.generate import StopFn
+from .precision import upcast
 
 
 def next_tokens(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -24,7 +25,7 @@ def next_tokens(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float 
     so a row's tokens do not depend on the other rows of its batch."""
     if temperature <= 0:
         return logits_BV.argmax(-1).tolist()
-    probs_BV = torch.softmax(logits_BV.float() / temperature, -1)
+    probs_BV = torch.softmax(upcast(logits_BV) / temperature, -1)
     out = []
     for i in range(probs_BV.shape[0]):
         p_V = probs_BV[i]

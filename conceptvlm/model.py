@@ -24,6 +24,7 @@ from .decoding_state import ConceptState, InferenceState
 from .dechunk import dechunk
 from .moe import GroupedExperts, MoEOutput
 from .positions import positions_in_document
+from .precision import upcast
 
 IGNORE_INDEX = -100
 
@@ -56,7 +57,7 @@ def next_token_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, doc_BL: t
     """
     target = labels_BL[:, 1:].clone()
     target[doc_BL[:, 1:] != doc_BL[:, :-1]] = IGNORE_INDEX  # never predict across documents
-    logits = logits_BLV[:, :-1].float()
+    logits = upcast(logits_BLV[:, :-1])  # float32 for half precision; float64 stays
     n = (target != IGNORE_INDEX).sum()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                          ignore_index=IGNORE_INDEX, reduction="sum")

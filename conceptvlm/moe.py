@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .grouped_mm import grouped_mm, grouped_mm_loop
 from .grouped_mm import grouped_mm_usable as _grouped_mm_usable  # bench moe swaps it out
 from .loss import global_mean, reduce_sums
+from .precision import upcast
 
 
 class SwiGLU(nn.Module):
@@ -133,7 +134,7 @@ class Routing(NamedTuple):
     """What the router decided for ``N`` tokens (a tuple, so ZeRO-3's module hooks see
     the tensors and keep the router's weight gathered for the backward pass)."""
 
-    logits_NE: torch.Tensor  # float32 router logits
+    logits_NE: torch.Tensor  # router logits, float32 (float64 in a float64 model)
     probs_NE: torch.Tensor  # softmax over experts (the balance loss's P)
     gate_NK: torch.Tensor  # weight of each chosen expert in the token's output
     expert_NK: torch.Tensor  # ids of the chosen experts
@@ -164,7 +165,7 @@ class Router(nn.Linear):
         return gate_NK, expert_NK
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
-        logits_NE = super().forward(x_ND).float()  # routing decisions in float32
+        logits_NE = upcast(super().forward(x_ND))  # routing decisions in >= float32
         probs_NE = logits_NE.softmax(-1)
         return Routing(logits_NE, probs_NE, *self.gate(probs_NE))
 
