@@ -40,20 +40,20 @@ def rope_rotation(positions: torch.Tensor, head_dim: int, base: float, scaling: 
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unit complex rotations ``exp(i * angle)``, ``[B, 1, L, head_dim/2]``, for integer positions.
 
-    ``positions`` is ``[B, L]`` (1D RoPE) or ``[B, L, 2]`` (2D, M-RoPE style: the first
-    half of the rotary frequencies follow ``[..., 0]``, the second half ``[..., 1]``; with
-    both equal this is exactly 1D RoPE). ``scaling > 1`` is linear position
+    ``positions`` is ``[B, L]`` (1D RoPE) or ``[B, L, 2]`` (2D: frequency ``i`` follows
+    axis ``i % 2``, rows and columns interleaved; with both equal this is exactly 1D RoPE).
+    Interleaving, not halves: the frequencies fall geometrically, so the second half holds
+    only the slowest ones, and a column axis given them could hardly tell 8 columns apart
+    (the imbalance Qwen3-VL's interleaved MRoPE removes). ``scaling > 1`` is linear position
     interpolation (positions / scaling): a model trained at length T then reads up to
     about ``T * scaling`` positions.
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device,
                                             dtype=torch.float64) / head_dim))
     pos = positions.to(torch.float64) / scaling
-    if pos.dim() == 3:  # per-frequency position: rows for the first half, columns for the rest
-        half = inv_freq.numel() // 2
-        pos = torch.cat([pos[..., :1].expand(*pos.shape[:2], half),
-                         pos[..., 1:].expand(*pos.shape[:2], inv_freq.numel() - half)], -1)
-        angles = pos * inv_freq
+    if pos.dim() == 3:  # per-frequency position: even frequencies the row, odd the column
+        axis = torch.arange(inv_freq.numel(), device=pos.device) % 2
+        angles = pos[..., axis] * inv_freq
     else:
         angles = pos[..., None] * inv_freq  # [B, L, hd/2]
     # Angles stay float64 until here: large positions keep their precision.

@@ -10,9 +10,9 @@ spans text and image. Labels are never computed on image positions or markers.
 Options beyond the paper (its first open question: 1D merging of flattened patches
 breaks spatial structure):
 
-* ``image_positions="2d"``: patches get (row, column) rotary positions (M-RoPE style:
-  half of the rotary frequencies follow the row, half the column; text keeps
-  ``(t, t)``, which is exactly 1D RoPE).
+* ``image_positions="2d"``: patches get (row, column) rotary positions (M-RoPE style,
+  interleaved: even rotary frequencies follow the row, odd ones the column, so both
+  axes get fast and slow frequencies; text keeps ``(t, t)``, which is exactly 1D RoPE).
 * ``image_order="hilbert"``: an image's patches enter the sequence along a Hilbert
   curve, so consecutive tokens are grid neighbours and every run the chunker merges is
   a compact 2D region instead of a strip of a raster row.

@@ -52,6 +52,21 @@ def test_rope_2d_with_equal_coordinates_is_1d_rope_and_scaling_interpolates():
     torch.testing.assert_close(rope_rotation(pos * 4, 8, 10000.0, scaling=4.0, dtype=torch.float64), one)
 
 
+def test_rope_2d_gives_both_axes_fast_and_slow_frequencies():
+    """Frequency i follows axis i % 2. With halves instead, the column axis got only the
+    slowest frequencies: across 8 columns they turned < 0.07 rad (head dim 16), and a 2D
+    grounding model could not tell columns apart."""
+    hd, base = 16, 10000.0
+    inv_freq = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    even = torch.arange(hd // 2) % 2 == 0
+    rows = rope_rotation(torch.tensor([[[7, 0]]]), hd, base, dtype=torch.float64)[0, 0, 0]
+    cols = rope_rotation(torch.tensor([[[0, 7]]]), hd, base, dtype=torch.float64)[0, 0, 0]
+    turn = torch.polar(torch.ones_like(inv_freq), 7 * inv_freq)
+    torch.testing.assert_close(rows, torch.where(even, turn, 1))  # the row turns even frequencies only
+    torch.testing.assert_close(cols, torch.where(even, 1, turn))  # the column turns odd ones only
+    assert 7 * inv_freq[1] > 1.0  # so 7 columns turn the column's fastest frequency by > 1 rad
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_rmsnorm_matches_formula(dtype, tol):
     g = torch.Generator().manual_seed(2)
