@@ -244,10 +244,7 @@ class MoE(nn.Module):
         flat_expert = routing.expert_NK.reshape(-1)  # [N*k]
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // self.top_k  # source token of each sorted row
-        if torch.compiler.is_compiling():  # bincount's output length depends on the data: not traceable
-            counts = flat_expert.new_zeros(self.n_experts).index_add_(0, flat_expert, torch.ones_like(flat_expert))
-        else:  # one op instead of three (decoding steps are op-bound)
-            counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        counts = expert_counts(flat_expert, self.n_experts)
 
         y_sorted = self.dispatch(x_ND[token_of], counts)  # [N*k, D]
         y_sorted = y_sorted * routing.gate_NK.reshape(-1)[order, None].to(y_sorted.dtype)
@@ -258,6 +255,19 @@ class MoE(nn.Module):
             return MoEOutput(y, zero, zero, counts.detach())
         balance, z, counts_g = aux_losses(routing, counts, self.top_k, across_ranks=True)
         return MoEOutput(y, balance, z, counts_g)
+
+
+def expert_counts(expert_R: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many rows go to each expert (``expert_R``: each row's expert).
+
+    ``bincount`` is one op, which matters on a CPU (decoding steps are op-bound). On a GPU
+    it reads its input's min and max back to the host, stalling the queue twice per MoE
+    layer, and under ``torch.compile`` its data-dependent length cannot be traced: there
+    a scatter-add counts instead, asynchronously.
+    """
+    if expert_R.is_cuda or torch.compiler.is_compiling():
+        return expert_R.new_zeros(n_experts).index_add_(0, expert_R, torch.ones_like(expert_R))
+    return torch.bincount(expert_R, minlength=n_experts)
 
 
 def moe_reference(moe: MoE, x_ND: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,30 @@ def test_cached_decoding_on_the_gpu_equals_the_full_forward(name):
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
 
 
+def host_syncs_of_one_decode_step(n_concept_layers: int) -> int:
+    """Host synchronisations (CUDA's sync debug mode warns at each) in one decode step."""
+    import warnings
+    model = tiny_model(n_concept_layers=n_concept_layers, chunk={"router": "fixed"}).to(CUDA)
+    ids = torch.randint(0, 64, (1, 17), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    with torch.no_grad():
+        state = model(ids[:, :16], use_cache=True).state
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(ids[:, 16:], state=state)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_decode_step_host_syncs_do_not_grow_with_depth():
+    """Per-layer host reads (bincount's min and max were two per MoE layer) stall the GPU
+    queue; a decode step may read the host a fixed number of times, not once per layer."""
+    assert host_syncs_of_one_decode_step(6) == host_syncs_of_one_decode_step(2)
+
+
 def test_bf16_grouped_mm_kernel_matches_per_expert_products():
     from conceptvlm.grouped_mm import grouped_mm, grouped_mm_loop, grouped_mm_usable
 

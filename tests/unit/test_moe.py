@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conceptvlm.moe import MoE, moe_reference
+from conceptvlm.moe import MoE, expert_counts, moe_reference
 
 
 def build(dtype, n_shared=0, seed=0, E=4, k=2, D=16, H=24):
@@ -90,3 +90,16 @@ def test_aux_losses_only_in_training():
     moe = build(torch.float32).eval()
     out = moe(torch.randn(10, 16))
     assert out.balance_loss.item() == 0.0 and out.z_loss.item() == 0.0
+
+
+def test_expert_counts_scatter_path_equals_bincount(monkeypatch):
+    """The GPU/compile path (scatter-add) counts exactly what bincount counts, including
+    experts nobody chose and an empty batch."""
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 300):
+        expert = torch.randint(0, 6, (n,), generator=g)
+        want = torch.bincount(expert, minlength=8)
+        assert torch.equal(expert_counts(expert, 8), want)
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert torch.equal(expert_counts(expert, 8), want)
