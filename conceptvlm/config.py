@@ -261,6 +261,9 @@ class ImageOptions:
 
     image_positions: ImagePositions = "1d"  # 2d: (row, column) rotary positions for patches
     image_order: ImageOrder = "raster"  # hilbert: patches along a Hilbert curve
+    # VQA and grounding prompts put the question before the image, so the (causal) model's
+    # patches can attend to it; training data and the evaluators follow it (data.templates).
+    question_first: bool = False
 
     def __post_init__(self) -> None:
         check_choices(self)

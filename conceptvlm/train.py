@@ -228,7 +228,8 @@ def build_loaders(cfg: TrainConfig, tokenizer, model) -> list:
     for i in range(v):
         dcfg = DataConfig(seq_len=d.seq_len, batch_size=d.batch_size, image_tokens_per_image=per_image, seed=d.seed,
                           shuffle_buffer=d.shuffle_buffer, shuffle_initial=d.shuffle_initial, resample=d.resample,
-                          num_workers=d.num_workers, long_docs=d.long_docs, rank=rank * v + i, world_size=world * v)
+                          num_workers=d.num_workers, long_docs=d.long_docs, rank=rank * v + i, world_size=world * v,
+                          question_first=cfg.image.question_first)
         loaders.append(build_loader(sources, tokenizer, dcfg, image_transform=transform))
     return loaders
 

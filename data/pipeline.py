@@ -65,6 +65,7 @@ class DataConfig:
     shards_per_epoch: Optional[int] = None  # with resample: per reader and source
     epochs: Optional[int] = None  # per reader; None = endless
     max_image_tokens_per_row: Optional[int] = None
+    question_first: bool = False  # VQA/grounding: the question before the image (the model's image.question_first)
     long_docs: str = "split"  # "split" | "drop"
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # checked from the image header, before decoding
     pipe_timeout: float = 300.0  # seconds a pipe: shard may send nothing before it is abandoned
@@ -195,7 +196,8 @@ class PackedDataset(torch.utils.data.IterableDataset):
     def _document(self, raw: dict, epoch: int, index: int, counters: DataCounters) -> Optional[Doc]:
         source = self.sources[raw["__source__"]]
         try:
-            parts, pil_images = document_parser(source.kind, source.caption_prompt, self.image_options)(raw)
+            parts, pil_images = document_parser(source.kind, source.caption_prompt, self.image_options,
+                                                self.cfg.question_first)(raw)
             try:
                 images = [self.image_transform(im) for im in pil_images]
             except ImageError as err:  # the tower's processor rejecting an odd image

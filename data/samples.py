@@ -182,14 +182,15 @@ def majority_answer(answers: list[Any]) -> str:
     return _check_text(max(texts, key=lambda t: (counts[t], first[t])), "majority answer", MAX_FIELD_CHARS)
 
 
-def vqa_document(raw: dict[str, Any], images: ImageOptions = ImageOptions()) -> Document:
+def vqa_document(raw: dict[str, Any], images: ImageOptions = ImageOptions(), question_first: bool = False) -> Document:
     """``KEY.jpg`` + ``KEY.json`` with ``question`` and ``answers`` (or one ``answer``)."""
     question, answers = vqa_fields(sample_json(raw))
     img, _ = image_member(raw, images)
-    return vqa_parts(question, majority_answer(answers)), [img]
+    return vqa_parts(question, majority_answer(answers), question_first), [img]
 
 
-def grounding_document(raw: dict[str, Any], images: ImageOptions = ImageOptions()) -> Document:
+def grounding_document(raw: dict[str, Any], images: ImageOptions = ImageOptions(),
+                       question_first: bool = False) -> Document:
     """``KEY.jpg`` + ``KEY.json`` with ``expression``, ``box`` (pixels of the stored image
     as displayed, i.e. after EXIF orientation) and ``box_format``: ``"xyxy"`` (corners) or
     ``"xywh"`` (COCO: corner + size). The box must overlap the image."""
@@ -199,7 +200,7 @@ def grounding_document(raw: dict[str, Any], images: ImageOptions = ImageOptions(
     img, (width, height) = image_member(raw, images)
     if xyxy[0] > width or xyxy[1] > height or xyxy[2] < 0 or xyxy[3] < 0:
         raise BadSample(BAD_FIELD, f"box {list(xyxy)} lies outside the {width}x{height} image")
-    return grounding_parts(expression, xyxy, width, height), [img]
+    return grounding_parts(expression, xyxy, width, height, question_first), [img]
 
 
 def parse_box_field(meta: dict[str, Any]) -> tuple[float, float, float, float]:
@@ -270,15 +271,19 @@ def document_text(raw: dict[str, Any]) -> str:
     return text
 
 
-def document_parser(kind: str, caption_prompt: Optional[str] = None,
-                    images: ImageOptions = ImageOptions()) -> Callable[[dict[str, Any]], Document]:
-    """The parser of one sample kind: ``raw sample -> (parts, images)`` or ``BadSample``.
-    (``functools.partial`` of module functions: picklable for DataLoader workers.)"""
+def document_parser(kind: str, caption_prompt: Optional[str] = None, images: ImageOptions = ImageOptions(),
+                    question_first: bool = False) -> Callable[[dict[str, Any]], Document]:
+    """The parser of one sample kind: ``raw sample -> (parts, images)`` or ``BadSample``;
+    ``question_first``: VQA and grounding prompts put the question before the image
+    (``data.templates``). (``functools.partial`` of module functions: picklable for
+    DataLoader workers.)"""
     if kind == "caption":
         return functools.partial(caption_document, prompt=caption_prompt, images=images)
     if kind == "text":
         return text_document
-    parsers = {"vqa": vqa_document, "grounding": grounding_document, "interleaved": interleaved_document}
-    if kind not in parsers:
+    if kind in ("vqa", "grounding"):
+        return functools.partial(vqa_document if kind == "vqa" else grounding_document, images=images,
+                                 question_first=question_first)
+    if kind != "interleaved":
         raise ValueError(f"unknown sample kind {kind!r}; expected one of {KINDS}")
-    return functools.partial(parsers[kind], images=images)
+    return functools.partial(interleaved_document, images=images)

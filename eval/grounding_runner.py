@@ -8,16 +8,17 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from conceptvlm.data.boxes import parse_box
-from conceptvlm.data.templates import GROUNDING_TEMPLATE
+from conceptvlm.data.templates import grounding_template
 
 from .generate import GenerateFn, greedy_generate
 from .grounding import score_items
 from .io import write_json
-from .prompts import generate_answers
+from .prompts import filled_prompts, generate_answers, question_first
 
-DEFAULT_GROUNDING_PROMPT = GROUNDING_TEMPLATE
+DEFAULT_GROUNDING_PROMPT = grounding_template()
 """The training template (``data.templates``); ``{expression}`` is filled in and the
-answer is expected in ``data.boxes`` box text."""
+answer is expected in ``data.boxes`` box text. A model built question first gets
+``grounding_template(question_first=True)`` instead."""
 
 
 @dataclass
@@ -35,16 +36,19 @@ class GroundingSample:
 
 
 def run_grounding(model: torch.nn.Module, tokenizer: Any, samples: Sequence[GroundingSample], *,
-                  image_tokens_per_image: int, prompt: str = DEFAULT_GROUNDING_PROMPT,
+                  image_tokens_per_image: int, prompt: Optional[str] = None,
                   batch_size: int = 8, max_new_tokens: int = 24, threshold: float = 0.5,
                   generate_fn: GenerateFn = greedy_generate,
                   out_path: Optional[Union[str, Path]] = None) -> dict:
     """Generate a box per expression, parse it and score Acc@``threshold`` per split.
 
     Returns (and writes to ``out_path``) ``{"summary": ..., "items": [...]}``;
-    ``summary["unparseable"]`` counts answers with no box (scored wrong).
+    ``summary["unparseable"]`` counts answers with no box (scored wrong). ``prompt``: a
+    template with ``{expression}`` and ``<image>`` (first when absent); by default the one
+    the model was trained with.
     """
-    answers = generate_answers(model, tokenizer, [prompt.format(expression=s.expression) for s in samples],
+    prompt = prompt or grounding_template(question_first(model))
+    answers = generate_answers(model, tokenizer, filled_prompts(prompt, "expression", [s.expression for s in samples]),
                                [s.image for s in samples], image_tokens_per_image=image_tokens_per_image,
                                batch_size=batch_size, max_new_tokens=max_new_tokens, generate_fn=generate_fn)
     items = []

@@ -1,31 +1,49 @@
 """Multimodal prompt ids and batched answer generation shared by the VQA and grounding runners.
 
-A prompt is ``bos, image_start, image * n, image_end`` followed by the prompt text; the
-image itself travels in ``images``. ``n = image_tokens_per_image`` is a parameter because
-it depends on the vision tower and projector (patches after pooling).
+A prompt is ``bos`` and its parts (``data.templates``): text, and the image block
+``image_start, image * n, image_end`` where the template says ``<image>`` (first, for a
+plain string). The image itself travels in ``images``. ``n = image_tokens_per_image`` is
+a parameter because it depends on the vision tower and projector (patches after pooling).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from conceptvlm.data.templates import IMAGE, IMAGE_PLACEHOLDER, Part, Text, encode_parts, fill_template
+
 from .generate import GenerateFn, batches, greedy_generate
 
+Prompt = Union[str, Sequence[Part]]
 
-def image_prompt_ids(tokenizer: Any, text: str, image_tokens_per_image: int,
+
+def question_first(model: torch.nn.Module) -> bool:
+    """Whether ``model`` was built to read VQA and grounding prompts question first
+    (``image.question_first``); models without the option read the image first."""
+    return bool(getattr(getattr(model, "config", None), "question_first", False))
+
+
+def filled_prompts(template: str, field: str, values: Sequence[str]) -> list[list[Part]]:
+    """``template`` filled with each value; a template without ``<image>`` gets the image first."""
+    if IMAGE_PLACEHOLDER not in template:
+        template = IMAGE_PLACEHOLDER + template
+    return [fill_template(template, **{field: v}) for v in values]
+
+
+def image_prompt_ids(tokenizer: Any, prompt: Prompt, image_tokens_per_image: int,
                      with_image: bool = True) -> list[int]:
-    """``[bos, image_start, image * n, image_end] + encode(text)`` (no image block when
-    ``with_image`` is False)."""
-    ids = [tokenizer.bos_id]
-    if with_image:
-        ids += [tokenizer.image_start_id] + [tokenizer.image_id] * image_tokens_per_image
-        ids += [tokenizer.image_end_id]
-    return ids + tokenizer.encode(text)
+    """``bos`` and the prompt's parts; a string is one text after the image. Without
+    ``with_image`` the image block is left out."""
+    parts = [IMAGE, Text(prompt, loss=False)] if isinstance(prompt, str) else list(prompt)
+    if not with_image:
+        parts = [p for p in parts if p is not IMAGE]
+    ids, _ = encode_parts(parts, tokenizer, image_tokens_per_image, add_bos=True, add_eos=False)
+    return ids.tolist()
 
 
 @torch.no_grad()
-def generate_answers(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
+def generate_answers(model: torch.nn.Module, tokenizer: Any, texts: Sequence[Prompt],
                      images: Sequence[Optional[torch.Tensor]], *, image_tokens_per_image: int,
                      batch_size: int = 8, max_new_tokens: int = 16,
                      generate_fn: GenerateFn = greedy_generate,

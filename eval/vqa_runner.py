@@ -7,15 +7,16 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from conceptvlm.data.templates import VQA_TEMPLATE
+from conceptvlm.data.templates import vqa_template
 from .generate import GenerateFn, greedy_generate
 from .io import write_json
-from .prompts import generate_answers
+from .prompts import filled_prompts, generate_answers, question_first
 from .vqa import normalize_prediction, summarize, vqa_accuracy
 
-DEFAULT_VQA_PROMPT = VQA_TEMPLATE
-"""The training template (``data.templates``, "Question: {question} Answer:"): short
-answers, as the VQA instruction samples teach; ``{question}`` is filled in."""
+DEFAULT_VQA_PROMPT = vqa_template()
+"""The training template (``data.templates``, "<image>Question: {question} Answer:"): short
+answers, as the VQA instruction samples teach; ``{question}`` is filled in. A model built
+question first gets ``vqa_template(question_first=True)`` instead."""
 
 
 @dataclass
@@ -31,7 +32,7 @@ class VQASample:
 
 
 def run_vqa(model: torch.nn.Module, tokenizer: Any, samples: Sequence[VQASample], *,
-            image_tokens_per_image: int, prompt: str = DEFAULT_VQA_PROMPT,
+            image_tokens_per_image: int, prompt: Optional[str] = None,
             batch_size: int = 8, max_new_tokens: int = 10,
             generate_fn: GenerateFn = greedy_generate,
             out_path: Optional[Union[str, Path]] = None) -> dict:
@@ -40,8 +41,11 @@ def run_vqa(model: torch.nn.Module, tokenizer: Any, samples: Sequence[VQASample]
     Returns (and writes to ``out_path``) ``{"summary": ..., "items": [...]}``; each item
     has ``question_id, question, prediction, normalized, answers, accuracy``, so the
     items are also an official results file (``question_id`` + ``prediction``).
+    ``prompt``: a template with ``{question}`` and ``<image>`` where the image goes (first
+    when absent); by default the one the model was trained with.
     """
-    preds = generate_answers(model, tokenizer, [prompt.format(question=s.question) for s in samples],
+    prompt = prompt or vqa_template(question_first(model))
+    preds = generate_answers(model, tokenizer, filled_prompts(prompt, "question", [s.question for s in samples]),
                              [s.image for s in samples], image_tokens_per_image=image_tokens_per_image,
                              batch_size=batch_size, max_new_tokens=max_new_tokens, generate_fn=generate_fn)
     items = [{"question_id": s.question_id, "question": s.question, "prediction": p,

@@ -71,7 +71,7 @@ def make_forced_all_boundaries(model: ConceptMoE) -> None:
 
 
 def tiny_vlm(dtype=torch.float64, seed: int = 0, image_positions: str = "1d", image_order: str = "raster",
-             **model_overrides):
+             question_first: bool = False, **model_overrides):
     """A ConceptVLM with the tiny timm tower, 2x2 pixel-shuffle -> 16 tokens per 64px image."""
     from conceptvlm.vision import tiny_vision_config
     from conceptvlm.vlm import ConceptVLM, VLMConfig
@@ -79,7 +79,7 @@ def tiny_vlm(dtype=torch.float64, seed: int = 0, image_positions: str = "1d", im
     torch.manual_seed(seed)
     cfg = VLMConfig(model=tiny_config(vocab_size=262, **model_overrides),
                     vision=tiny_vision_config(reduction="pixel_shuffle", reduction_factor=2),
-                    image_positions=image_positions, image_order=image_order)
+                    image_positions=image_positions, image_order=image_order, question_first=question_first)
     return ConceptVLM(cfg).to(dtype).eval()
 
 

@@ -37,10 +37,12 @@ def cell_loglikelihoods(model, tok, image_BCHW, question: str, tokens_per_image:
     from conceptvlm.data.grounding_cells import all_cell_answers
     from conceptvlm.data.templates import Text, encode_parts, vqa_prompt
     from conceptvlm.eval.generate import forward_logits
+    from conceptvlm.eval.prompts import question_first
 
+    prompt = vqa_prompt(question, question_first(model))  # the layout the model trained on
     seqs, targets = [], []
     for ans in all_cell_answers():
-        ids, labels = encode_parts(vqa_prompt(question) + [Text(" " + ans, loss=True)], tok, tokens_per_image,
+        ids, labels = encode_parts(prompt + [Text(" " + ans, loss=True)], tok, tokens_per_image,
                                    add_eos=False)
         seqs.append(ids.tolist())
         targets.append(labels)

@@ -234,12 +234,13 @@ def realised_ratios_vlm(model, tok, held: dict) -> dict:
     import torch
 
     from conceptvlm.data import DataConfig, Source, build_loader
+    from conceptvlm.eval.prompts import question_first
 
     kinds = [k for k in ("caption", "vqa", "cells") if k in held]
     if not kinds:
         return {}
     cfg = DataConfig(seq_len=256, batch_size=8, image_tokens_per_image=model.tokens_per_image, seed=0, epochs=1,
-                     shuffle_buffer=0)
+                     shuffle_buffer=0, question_first=question_first(model))
     loader = build_loader([Source(held[k], "vqa" if k == "cells" else k) for k in kinds], tok, cfg,
                           image_transform=model.image_processor)
     tokens: dict[str, int] = {}

@@ -72,6 +72,24 @@ def test_every_kind_round_trips(tmp_path, kind):
             assert (text, trained, n_images) == (s["txt"], s["txt"], 0)
 
 
+@pytest.mark.parametrize("kind", ["vqa", "grounding"])
+def test_question_first_puts_the_question_before_the_image(tmp_path, kind):
+    """data.question_first (the model's image.question_first): the prompt's question, then
+    the image block, then the rest; the trained answer is unchanged."""
+    write_synthetic_shards(kind, tmp_path, num=3, shard_size=3)
+    src = [Source(str(tmp_path / f"{kind}-000000.tar"), kind)]
+    first = _documents(build_loader(src, TOK, _cfg(question_first=False)))
+    qfirst = _documents(build_loader(src, TOK, _cfg(question_first=True)))
+    for i, ((text, trained, k), (text_q, trained_q, k_q)) in enumerate(zip(first, qfirst)):
+        assert (trained_q, k_q) == (trained, k) == (trained, 1) and text_q == text  # same tokens, other order
+    loader = build_loader(src, TOK, _cfg(question_first=True))
+    row = next(iter(loader))["input_ids"][0].tolist()
+    start = row.index(TOK.image_start_id)
+    meta = synthetic_sample(kind, 0)["json"]
+    before = TOK.decode(row[1:start])
+    assert before == (f"Question: {meta['question']}" if kind == "vqa" else f"Locate: {meta['expression']}.")
+
+
 def _write(path, samples) -> None:
     with wds.TarWriter(str(path)) as sink:
         for s in samples:

@@ -2,6 +2,7 @@
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,9 +27,10 @@ class ScriptedVLM(torch.nn.Module):
     """Answers ``answers[k]`` after the prompt (which ends with ':'), where ``k`` is the value its
     image is filled with; checks the image-token block and that images arrive in row order."""
 
-    def __init__(self, answers, n_img):
+    def __init__(self, answers, n_img, question_first=False):
         super().__init__()
         self.answers, self.n_img, self.calls = answers, n_img, []
+        self.config = SimpleNamespace(question_first=question_first)  # the layout the runners must follow
 
     def forward(self, input_ids, doc_ids=None, images=None):
         B, L = input_ids.shape
@@ -40,9 +42,10 @@ class ScriptedVLM(torch.nn.Module):
         for b in range(B):
             n = int((doc_ids[b] >= 0).sum())
             ids = input_ids[b, :n].tolist()
-            assert ids[:2] == [TOK.bos_id, TOK.image_start_id]
-            assert ids[2:2 + self.n_img] == [TOK.image_id] * self.n_img
-            assert ids[2 + self.n_img] == TOK.image_end_id
+            i = ids.index(TOK.image_start_id)
+            assert ids[0] == TOK.bos_id and (i > 1) == self.config.question_first  # question first: text, then image
+            assert ids[i + 1:i + 1 + self.n_img] == [TOK.image_id] * self.n_img
+            assert ids[i + 1 + self.n_img] == TOK.image_end_id
             target = self.answers[int(images[img].mean())]
             img += starts[b]
             end = max(i for i, t in enumerate(ids) if t == ord(":"))
@@ -56,8 +59,9 @@ def _img(k):
     return torch.full((3, 4, 4), float(k))
 
 
-def test_run_vqa_batched_scores_and_writes_json(tmp_path):
-    model = ScriptedVLM({0: "Two", 1: "a dog.", 2: "blue"}, n_img=3)
+@pytest.mark.parametrize("question_first", [False, True])
+def test_run_vqa_batched_scores_and_writes_json(tmp_path, question_first):
+    model = ScriptedVLM({0: "Two", 1: "a dog.", 2: "blue"}, n_img=3, question_first=question_first)
     samples = [VQASample(1, _img(0), "How many?", ["2"] * 10, "number"),
                VQASample(2, _img(1), "What animal?", ["dog"] * 2 + ["cat"] * 8, "other"),
                VQASample(3, _img(2), "Color?", ["red"] * 10, "other")]
@@ -71,11 +75,12 @@ def test_run_vqa_batched_scores_and_writes_json(tmp_path):
     assert json.loads((tmp_path / "vqa.json").read_text())["summary"]["n"] == 3
 
 
-def test_run_grounding_parses_boxes_per_split(tmp_path):
+@pytest.mark.parametrize("question_first", [False, True])
+def test_run_grounding_parses_boxes_per_split(tmp_path, question_first):
     W, H = 200, 100
     gt = (20.0, 10.0, 120.0, 60.0)
     model = ScriptedVLM({0: format_box(gt, W, H), 1: format_box((100, 40, 200, 100), W, H),
-                         2: "no idea"}, n_img=2)
+                         2: "no idea"}, n_img=2, question_first=question_first)
     samples = [GroundingSample(0, _img(0), "the man", gt, W, H, "testA"),
                GroundingSample(1, _img(1), "the man", gt, W, H, "testA"),
                GroundingSample(2, _img(2), "the dog", gt, W, H, "testB")]
@@ -88,6 +93,24 @@ def test_run_grounding_parses_boxes_per_split(tmp_path):
     assert res["items"][0]["iou"] > 0.98
     # second box: overlap (100..120)x(40..60) = 400 px; union 5000 + 6000 - 400
     assert res["items"][1]["iou"] == pytest.approx(400 / 10600, abs=2e-3)
+
+
+@pytest.mark.parametrize("question_first", [False, True])
+def test_eval_prompt_is_the_training_prompt(question_first):
+    """What the runners feed a model is token for token the prompt its training samples
+    had, in the layout the model was built with."""
+    from conceptvlm.data.templates import encode_parts, grounding_parts, grounding_template, vqa_parts, vqa_template
+    from conceptvlm.eval.prompts import filled_prompts, image_prompt_ids
+
+    q = "What is {odd} <image> here?"  # braces and the placeholder in a question stay text
+    train_ids, labels = encode_parts(vqa_parts(q, "two", question_first), TOK, 3)
+    prompt = image_prompt_ids(TOK, filled_prompts(vqa_template(question_first), "question", [q])[0], 3)
+    assert prompt == train_ids[:int((labels < 0).sum())].tolist()
+    assert (train_ids == TOK.image_start_id).sum() == 1
+    box = (1, 2, 30, 40)
+    train_ids, labels = encode_parts(grounding_parts("the cat", box, 50, 50, question_first), TOK, 3)
+    prompt = image_prompt_ids(TOK, filled_prompts(grounding_template(question_first), "expression", ["the cat"])[0], 3)
+    assert prompt == train_ids[:int((labels < 0).sum())].tolist()
 
 
 @pytest.mark.parametrize("make", [passkey_prompt, needle_prompt])

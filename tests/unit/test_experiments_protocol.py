@@ -231,7 +231,8 @@ def test_evaluate_cells_reads_held_out_shards_and_scores_every_item(tmp_path):
     assert evaluate_cells(tiny_vlm(), ByteTokenizer(), shards, limit=2)["items"] == 2
 
 
-def test_cell_loglikelihoods_match_one_forward_per_candidate():
+@pytest.mark.parametrize("question_first", [False, True])
+def test_cell_loglikelihoods_match_one_forward_per_candidate(question_first):
     import torch
 
     from conceptvlm.data.grounding_cells import all_cell_answers
@@ -240,13 +241,14 @@ def test_cell_loglikelihoods_match_one_forward_per_candidate():
     from helpers import ByteTokenizer, tiny_vlm
 
     torch.manual_seed(0)
-    model, tok = tiny_vlm(), ByteTokenizer()
+    model, tok = tiny_vlm(question_first=question_first), ByteTokenizer()
     model.eval()
     image = torch.rand(3, 64, 64, dtype=torch.float64)
     got = cell_loglikelihoods(model, tok, image, "Where is the red shape?", model.tokens_per_image)
     assert got.shape == (64,)
     for k in (0, 27, 63):  # slow reference: one unpadded forward per candidate
-        ids, labels = encode_parts(vqa_prompt("Where is the red shape?") + [Text(" " + all_cell_answers()[k])], tok,
+        ids, labels = encode_parts(vqa_prompt("Where is the red shape?", question_first)
+                                   + [Text(" " + all_cell_answers()[k])], tok,
                                    model.tokens_per_image, add_eos=False)
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.as_tensor(ids)[None], images=image[None]).logits[0], -1)
