@@ -89,16 +89,20 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
 
 
-def _git_rev() -> str:
-    """The checkout's short revision, with ``+dirty`` when code the runs execute differs
-    from it (uncommitted changes under the package folders), so such rows never pass for
-    rows of a clean revision."""
+def _rev_of(rev_args: list[str], paths: list[str]) -> str:
+    """``git <rev_args>``, with ``+dirty`` when ``paths`` have uncommitted changes, so rows
+    made with such code never pass for rows of a clean revision; "" without git."""
     try:
-        rev = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--", *RUN_CODE)
+        rev = _git(*rev_args)
+        dirty = _git("status", "--porcelain", "--", *paths)
     except (OSError, subprocess.SubprocessError):
         return ""
     return rev + ("+dirty" if rev and dirty else "")
+
+
+def _git_rev() -> str:
+    """The checkout's short revision (``+dirty``: the code runs execute differs from it)."""
+    return _rev_of(["rev-parse", "--short", "HEAD"], RUN_CODE)
 
 
 def code_rev(kind: str = "vlm") -> str:
@@ -107,12 +111,7 @@ def code_rev(kind: str = "vlm") -> str:
     uncommitted changes there. Rows of one table must share it: commits that touch only the
     report or the docs leave it, and the runs' rows and checkpoints, as they are."""
     paths = RUN_CODE + (TEXT_RUNS_SKIP if kind == "text" else [])
-    try:
-        rev = _git("log", "-1", "--format=%h", "--", *paths)
-        dirty = _git("status", "--porcelain", "--", *paths)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return rev + ("+dirty" if rev and dirty else "")
+    return _rev_of(["log", "-1", "--format=%h", "--", *paths], paths)
 
 
 # ------------------------------------------------------------------------------- data
@@ -289,12 +288,26 @@ def _train_ratios(metrics_path: Path, last: int = 20) -> dict:
 
 
 # ------------------------------------------------------------------------------- run
-def run_key(cfg, exp: dict) -> str:
+def run_key(cfg, exp: dict, runs_root: Path) -> str:
     """What makes two runs the same run: the resolved train config, the code revision and
-    the evaluation settings. A run folder or result row with another key is not reused."""
+    the evaluation settings. A run folder or result row with another key is not reused.
+    Paths count relative to the runs folder and the checkout, so the same run made in
+    another clone or folder keeps its key (and its rows are not rerun)."""
     blob = json.dumps({"config": cfg.to_dict(), "code": exp.get("_code_rev", ""),
                        "eval": [exp.get("eval_limit"), exp.get("eval_window")]}, sort_keys=True, default=str)
+    for root, name in ((Path(runs_root).resolve(), "$RUNS"), (Path(runs_root), "$RUNS"), (REPO, "$REPO")):
+        if str(root) not in (".", os.sep):
+            blob = blob.replace(json.dumps(str(root) + os.sep)[1:-1], name + "/")
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _killed_piece_seconds(state: dict, run_dir: Path) -> float:
+    """Training time of a piece that was killed: from its start to its last logged step
+    (what its checkpoint kept is counted; what came after is redone by the next piece)."""
+    started, log = state.get("piece_started"), run_dir / "metrics.jsonl"
+    if state.get("trained") or started is None or not log.is_file():
+        return 0.0
+    return max(0.0, log.stat().st_mtime - float(started))
 
 
 RUN_STATE = "experiment_run.json"  # in a run folder: its key and the wall time of its pieces
@@ -372,7 +385,7 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     cfg, steps, acct, run_dir = run_config(exp, variant, seed, data, runs_root, quick)
     v2 = exp.get("protocol", 1) == 2
     model_cfg: ModelConfig = cfg.model
-    key = run_key(cfg, exp)
+    key = run_key(cfg, exp, runs_root)
     if key in done_keys:
         print(f"[experiment {exp['name']}] {variant['name']} seed {seed}: done already (run key {key})", flush=True)
         return None
@@ -382,15 +395,17 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
 
         shutil.rmtree(run_dir)  # another config or code revision: nothing in it carries over
         state = {}
-    state = {"key": key, "train_wall_s": state.get("train_wall_s", 0.0), "pieces": state.get("pieces", 0),
+    killed_s = _killed_piece_seconds(state, run_dir)
+    state = {"key": key, "train_wall_s": state.get("train_wall_s", 0.0) + killed_s, "pieces": state.get("pieces", 0),
              "trained": state.get("trained", False)}
     fingerprint = run2.data_fingerprint(cfg) if v2 else None
     if not state["trained"]:
         state["pieces"] += 1
+        t_piece = state["piece_started"] = time.time()
         _write_run_state(run_dir, state)
-        t_piece = time.time()
         train(cfg)  # resumes from run_dir/checkpoints when an earlier piece left one
         state.update(trained=True, train_wall_s=state["train_wall_s"] + time.time() - t_piece)
+        state.pop("piece_started")
         _write_run_state(run_dir, state)
     t_train = state["train_wall_s"]
     model, tok = load_exported(run_dir / "export")
@@ -445,7 +460,7 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
         model_cfg, row["R"] if variant["router"] != "none" else None)["all"]
     row["flops_per_token_realised"] = (flops.linear_flops_per_token(model_cfg, max(realised, 1.0))["all"]
                                        if variant["router"] not in ("none",) else row["flops_per_token"])
-    row["train_wall_s"] = t_train  # over every piece that finished (an interrupted piece's time is lost)
+    row["train_wall_s"] = t_train  # every piece's, a killed one's up to its last logged step
     row.update(run_key=key, code_rev=exp.get("_code_rev", ""), train_pieces=state["pieces"],
                train_step_s_total=_step_seconds(run_dir / "metrics.jsonl"))
     row["wall_s"] = time.time() - t0

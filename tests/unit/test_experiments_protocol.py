@@ -379,9 +379,13 @@ variants:
         run_experiment(exp, runs_root=runs, results_dir=tmp_path / "pieces", force=True)  # starts over
     run_dir = runs / "p2" / "full" / "cosine-topk-s0"
     assert not (run_dir / "export").exists() and list((run_dir / "checkpoints").glob("step*"))
+    from conceptvlm.experiments.runner import _killed_piece_seconds, _read_run_state
+    killed_s = _killed_piece_seconds(_read_run_state(run_dir), run_dir)
+    assert killed_s > 0  # the killed piece's training time is kept for the row
     monkeypatch.setattr(train_mod, "train", real_train)
     pieces = run_experiment(exp, runs_root=runs, results_dir=tmp_path / "pieces")[0]
     assert pieces["train_pieces"] == 2 and pieces["run_key"] == whole["run_key"]
+    assert pieces["train_wall_s"] > killed_s
     assert pieces["held"]["all"]["bits_per_byte"] == whole["held"]["all"]["bits_per_byte"]  # bit for bit
     assert pieces["train"]["final_loss"] == whole["train"]["final_loss"]
     # another config is another run: its folder is cleared, not resumed
@@ -440,3 +444,27 @@ def test_code_revision_moves_with_the_code_a_run_executes_only(tmp_path, monkeyp
     assert (runner.code_rev("text"), runner.code_rev("vlm")) == (model, tower)
     (tmp_path / "conceptvlm" / "model.py").write_text("edited")
     assert runner.code_rev("text") == model + "+dirty"
+
+
+def test_run_key_does_not_depend_on_where_the_checkout_and_runs_live(tmp_path, monkeypatch):
+    """The same run in another clone (or runs folder) keeps its key, so its rows are not
+    rerun; a change inside the paths is still another run."""
+    from conceptvlm.experiments import runner
+
+    class Cfg:
+        def __init__(self, repo, runs, shard="a.tar"):
+            self.d = {"model_file": f"{repo}/configs/model/small.yaml", "train": {"out_dir": f"{runs}/e/full/x-s0"},
+                      "data": {"shards": [f"{runs}/_data/{shard}"]}}
+
+        def to_dict(self):
+            return self.d
+
+    exp = {"_code_rev": "abc1234", "eval_limit": None}
+    keys = []
+    for repo in (tmp_path / "main", tmp_path / "clone"):
+        monkeypatch.setattr(runner, "REPO", repo)
+        for runs in (repo / "runs" / "experiments", tmp_path / "elsewhere"):
+            keys.append(runner.run_key(Cfg(repo, runs), exp, runs))
+    assert len(set(keys)) == 1
+    assert runner.run_key(Cfg(repo, runs, "b.tar"), exp, runs) != keys[0]
+    assert runner.run_key(Cfg(repo, runs), {**exp, "_code_rev": "def5678"}, runs) != keys[0]
