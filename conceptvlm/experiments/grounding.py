@@ -6,12 +6,42 @@ should hurt columns more than rows).
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Optional, Sequence
 
 import numpy as np
 
 GATE_WITHIN_ONE = 0.80  # the R=1 model must reach this before merging variants are compared
+
+
+def answer_cells(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """The answer cells of samples ``0..n-1``: the same draws as ``cell_sample``, without
+    drawing the images."""
+    import random
+
+    from conceptvlm.data.grounding_cells import centre_cell, make_cell_scene
+
+    cells = []
+    for i in range(n):
+        rng = random.Random(f"cells:{seed}:{i}")
+        cells.append(centre_cell(rng.choice(make_cell_scene(rng))))
+    return cells
+
+
+@functools.lru_cache(maxsize=None)
+def answer_prior_nats(tokens_per_answer: int, n: int = 20000, seed: int = 0) -> float:
+    """Training loss per answer token of a model that ignores the image: the entropy of the
+    centre cell (estimated over ``n`` scenes) spread over the answer's tokens (the rest of
+    the answer, " r", " c", eos, is fixed and costs nothing). A run whose loss stays here
+    has not learned to look: the prior is where grounding runs sit before they take off."""
+    from conceptvlm.data.grounding_cells import GRID
+
+    counts = np.zeros(GRID * GRID)
+    for row, col in answer_cells(n, seed):
+        counts[row * GRID + col] += 1
+    p = counts[counts > 0] / n
+    return float(-(p * np.log(p)).sum() / tokens_per_answer)
 
 
 def cell_metrics(scores_NC: np.ndarray, target_rows: Sequence[int], target_cols: Sequence[int],

@@ -94,7 +94,8 @@ def text_table(by: dict[str, dict[int, dict]]) -> list[str]:
 
 def cells_table(by: dict[str, dict[int, dict]]) -> list[str]:
     lines = ["| variant | image R | order | positions | seeds | cell accuracy | within one cell | row error | "
-             "column error | realised ratio text | image | matched (±5%) | train s |", "|" + "---|" * 13]
+             "column error | realised ratio text | image | matched (±5%) | final train loss | train s |",
+             "|" + "---|" * 14]
     for v, seeds in by.items():
         rs = [seeds[s] for s in sorted(seeds)]
         r0 = rs[0]
@@ -105,8 +106,21 @@ def cells_table(by: dict[str, dict[int, dict]]) -> list[str]:
                      f"{','.join(str(r['seed']) for r in rs)} | {_col(rs, cell('accuracy'))} | "
                      f"{_col(rs, cell('within_one'))} | {_col(rs, cell('row_error'), 2)} | "
                      f"{_col(rs, cell('col_error'), 2)} | {_col(rs, ratio('text'), 2)} | {_col(rs, ratio('image'), 2)} | "
-                     f"{sum(bool(r.get('matched')) for r in rs)}/{len(rs)} | {_col(rs, train_seconds, 0)} |")
-    return lines
+                     f"{sum(bool(r.get('matched')) for r in rs)}/{len(rs)} | "
+                     f"{_col(rs, lambda r: r['train'].get('final_loss'), 3)} | {_col(rs, train_seconds, 0)} |")
+    return lines + ["", prior_line()]
+
+
+def prior_line() -> str:
+    """The loss a run that never learned to look sits at (byte tokens: " r3 c5" + eos)."""
+    from conceptvlm.data.grounding_cells import cell_answer
+
+    from .grounding import answer_prior_nats
+
+    k = len((" " + cell_answer(0, 0)).encode()) + 1
+    return (f"The task's prior: a model that ignores the image trains to {answer_prior_nats(k):.3f} nats per answer "
+            f"token (the centre cell's entropy over the answer's {k} byte tokens, eos included). A final train "
+            "loss there means the run never learned to look.")
 
 
 def _values(by: dict, variant: str, metric: str) -> tuple[dict[int, float], int]:

@@ -468,3 +468,17 @@ def test_run_key_does_not_depend_on_where_the_checkout_and_runs_live(tmp_path, m
     assert len(set(keys)) == 1
     assert runner.run_key(Cfg(repo, runs, "b.tar"), exp, runs) != keys[0]
     assert runner.run_key(Cfg(repo, runs), {**exp, "_code_rev": "def5678"}, runs) != keys[0]
+
+
+def test_grounding_prior_uses_the_samples_own_cells():
+    """The prior the report prints comes from the same draws as the samples, and an
+    image-blind model's loss is the cell entropy over the answer tokens."""
+    import json
+
+    from conceptvlm.data.grounding_cells import cell_sample
+    from conceptvlm.experiments.grounding import answer_cells, answer_prior_nats
+
+    metas = [json.loads(cell_sample(i)["json"]) for i in range(20)]
+    assert answer_cells(20) == [(m["row"], m["col"]) for m in metas]
+    prior = answer_prior_nats(7, n=3000)
+    assert 0.45 < prior < np.log(64) / 7  # below uniform: centres keep off the edges
