@@ -288,14 +288,15 @@ def _train_ratios(metrics_path: Path, last: int = 20) -> dict:
 
 
 # ------------------------------------------------------------------------------- run
-def run_key(cfg, exp: dict, runs_root: Path) -> str:
+def run_key(cfg, exp: dict, runs_root: Optional[Path] = None) -> str:
     """What makes two runs the same run: the resolved train config, the code revision and
     the evaluation settings. A run folder or result row with another key is not reused.
     Paths count relative to the runs folder and the checkout, so the same run made in
     another clone or folder keeps its key (and its rows are not rerun)."""
     blob = json.dumps({"config": cfg.to_dict(), "code": exp.get("_code_rev", ""),
                        "eval": [exp.get("eval_limit"), exp.get("eval_window")]}, sort_keys=True, default=str)
-    for root, name in ((Path(runs_root).resolve(), "$RUNS"), (Path(runs_root), "$RUNS"), (REPO, "$REPO")):
+    runs = [] if runs_root is None else [(Path(runs_root).resolve(), "$RUNS"), (Path(runs_root), "$RUNS")]
+    for root, name in runs + [(REPO, "$REPO")]:
         if str(root) not in (".", os.sep):
             blob = blob.replace(json.dumps(str(root) + os.sep)[1:-1], name + "/")
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
