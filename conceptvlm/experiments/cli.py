@@ -43,7 +43,9 @@ def _plan(args: argparse.Namespace) -> int:
             continue
         total += e["hours"]
         print(f"{e['stage']}: {e['experiment']}: {e['runs']} runs x {e['steps']:,} steps at {e['step_s']:.2f} s "
-              f"+ evaluation = {e['hours']:.1f} CPU hours")
+              f"+ evaluation = {e['hours']:.1f} CPU hours"
+              + (f" (timed on an older form of its YAML: conceptvlm experiment plan --measure --only {e['experiment']})"
+                 if e["stale"] else ""))
     print(f"total: {total:.1f} CPU hours")
     return 0
 

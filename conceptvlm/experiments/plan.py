@@ -7,6 +7,7 @@ per scored token or item) and writes ``docs/results/plan_timing.json``;
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -26,6 +27,19 @@ PLAN = [
 TIMING_FILE = "plan_timing.json"
 MEASURE_STEPS = 12
 WARMUP_STEPS = 4  # excluded from the per-step time (first steps pay allocation and start-up)
+
+
+# What an experiment's YAML sets beside its runs: its claims, gate, notes and quick form
+# change no full-form run, so editing them leaves a timing current.
+NOT_RUN_SETTINGS = ("claim", "claims", "gate", "notes", "quick")
+
+
+def setup_digest(exp: dict) -> str:
+    """A short digest of what ``exp`` (a loaded experiment) sets for its full-form runs:
+    a timing stored with another digest was measured on an older form of the YAML
+    (other steps, batch or variants) and no longer prices the plan."""
+    keep = {k: v for k, v in exp.items() if k not in NOT_RUN_SETTINGS}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _step_time(metrics: Path) -> float:
@@ -96,7 +110,9 @@ def estimate(timing: dict) -> list[dict]:
         steps, units = t["full_steps"], t["full_eval_units"]
         runs = t["n_variants"] * len(t["seeds"])
         per_run = steps * t["step_s"] + units * t["eval_s"] / max(t["eval_units"], 1)
-        out.append({"stage": stage, "experiment": name, "measured": True, "runs": runs, "steps": steps,
+        # timings from before digests were stored cannot be checked: None, not stale
+        stale = t["setup"] != setup_digest(load_experiment(name)) if "setup" in t else None
+        out.append({"stage": stage, "experiment": name, "measured": True, "stale": stale, "runs": runs, "steps": steps,
                     "step_s": t["step_s"], "eval_units": units, "eval_unit": t["eval_unit"],
                     "hours_per_run": per_run / 3600, "hours": runs * per_run / 3600})
     return out
@@ -115,6 +131,7 @@ def measure_all(results_dir: Path = RESULTS_DIR, only: Optional[list[str]] = Non
         print(f"[plan] timing {name} / {variant}: {MEASURE_STEPS} steps", flush=True)
         timing[name] = measure(name, variant)
         timing[name]["full_steps"], timing[name]["full_eval_units"] = full_size(name)
+        timing[name]["setup"] = setup_digest(load_experiment(name))
         Path(results_dir).mkdir(parents=True, exist_ok=True)
         (Path(results_dir) / TIMING_FILE).write_text(json.dumps(timing, indent=1))
     return timing

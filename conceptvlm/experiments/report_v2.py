@@ -406,7 +406,7 @@ def plan_lines(results_dir, rows: Optional[dict[str, list[dict]]] = None) -> lis
            "| stage | experiment | runs | steps per run | s per step timed | load when timed | s per step in runs "
            "| evaluation per run | CPU hours timed | done | hours spent | hours left |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    total, left_total, spent_total, missing = 0.0, 0.0, 0.0, []
+    total, left_total, spent_total, missing, stale = 0.0, 0.0, 0.0, [], []
     import os
 
     cores = os.cpu_count()
@@ -424,7 +424,10 @@ def plan_lines(results_dir, rows: Optional[dict[str, list[dict]]] = None) -> lis
         left = max(e["runs"] - n_done, 0) * per_run
         left_total += left
         load = timing[e["experiment"]].get("load_avg_1min")
-        out.append(f"| {e['stage']} | {e['experiment']} | {e['runs']} | {e['steps']:,} | {e['step_s']:.2f} | "
+        if e["stale"]:
+            stale.append(e["experiment"])
+        out.append(f"| {e['stage']} | {e['experiment']} | {e['runs']} | {e['steps']:,} | {e['step_s']:.2f}"
+                   + (" (stale)" if e["stale"] else "") + " | "
                    + (f"{load:.1f} on {cores} cores" if load is not None else "–")
                    + f" | {in_runs} | {e['eval_units']:,} {e['eval_unit']}s | {e['hours']:.1f} | {n_done} | "
                    f"{spent:.1f} | {left:.1f} |")
@@ -437,6 +440,10 @@ def plan_lines(results_dir, rows: Optional[dict[str, list[dict]]] = None) -> lis
             + (f"; not measured: {', '.join(missing)}" if missing else "") + f"). The timed estimate of the whole "
             f"plan was {total:.0f} CPU hours; steps timed while other jobs shared the machine (the load column) are "
             "slower than on idle cores with one process per core.", ""]
+    if stale:
+        out += [f"*(stale)*: timed on an older form of the experiment's YAML (other steps, batch or variants), so its "
+                f"timed estimate no longer prices the plan: `conceptvlm experiment plan --measure --only "
+                f"{','.join(stale)}`.", ""]
     return out
 
 

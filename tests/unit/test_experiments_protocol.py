@@ -482,3 +482,28 @@ def test_grounding_prior_uses_the_samples_own_cells():
     assert answer_cells(20) == [(m["row"], m["col"]) for m in metas]
     prior = answer_prior_nats(7, n=3000)
     assert 0.45 < prior < np.log(64) / 7  # below uniform: centres keep off the edges
+
+
+def test_a_timing_measured_on_an_older_form_of_the_yaml_is_flagged_stale(tmp_path):
+    """The plan prices runs from one timing per stage; once the YAML changes what its runs do
+    (steps, batch, variants), that timing is flagged, while edits to notes or claims are not."""
+    import json
+
+    from conceptvlm.experiments.plan import PLAN, TIMING_FILE, estimate, setup_digest
+    from conceptvlm.experiments.report_v2 import plan_lines
+    from conceptvlm.experiments.runner import load_experiment
+
+    name = PLAN[3][1]
+    exp = load_experiment(name)
+    current = setup_digest(exp)
+    assert setup_digest({**exp, "notes": ["another note"], "claims": []}) == current
+    assert setup_digest({**exp, "steps": int(exp["steps"]) + 1}) != current
+    base = {"step_s": 1.0, "eval_s": 1.0, "eval_units": 10, "eval_unit": "item", "seeds": [0], "n_variants": 1,
+            "full_steps": 10, "full_eval_units": 10}
+    for setup, stale in ((current, False), ("0ld0ld0ld0ld", True), (None, None)):
+        t = {**base, **({"setup": setup} if setup else {})}
+        assert {e["experiment"]: e for e in estimate({name: t})}[name]["stale"] is stale
+        (tmp_path / TIMING_FILE).write_text(json.dumps({name: t}))
+        lines = plan_lines(tmp_path, {})
+        assert any(f"--only {name}`" in x for x in lines) is bool(stale)
+        assert any(f"| {name} |" in x and "(stale)" in x for x in lines) is bool(stale)
