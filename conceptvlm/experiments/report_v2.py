@@ -276,6 +276,19 @@ def overlap_line(row: dict) -> str:
             + ".")
 
 
+def provenance_lines(rows: list[dict]) -> list[str]:
+    """How a table's rows were made: every command and machine that made them, their wall
+    time, steps, code revisions, and when the newest finished (rows are listed by variant
+    and seed, not in the order they ran)."""
+    machines = sorted({r["machine"] for r in rows})
+    newest = max(rows, key=lambda r: r["time"])  # "YYYY-mm-dd HH:MM:SS" sorts as time
+    return ["Command(s): " + "; ".join(f"`{c}`" for c in sorted({r['command'] for r in rows})) + "  ",
+            f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}  ",
+            f"Wall time: {sum(r['wall_s'] for r in rows):.0f} s in all ({len(rows)} runs); "
+            f"steps per run {', '.join(str(s) for s in sorted({r['steps'] for r in rows}))}; "
+            f"code revision {', '.join(sorted({revision_of(r) for r in rows}))}; last run {newest['time']}.  "]
+
+
 def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
     lines = [f"## {name}", "", f"Claim under test: {exp.get('claim', '–')}", ""]
     forms = defaultdict(list)
@@ -284,13 +297,9 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
     for quick, rs in sorted(forms.items()):
         by = latest(rs)
         rows_used = [r for seeds in by.values() for r in seeds.values()]
-        r_last = rows_used[-1]
-        lines += [f"### {'quick form (pipeline check, not evidence)' if quick else 'full'}", "",
-                  "Command(s): " + "; ".join(f"`{c}`" for c in sorted({r['command'] for r in rows_used})) + "  ",
-                  f"Machine: {r_last['machine']}  ",
-                  f"Wall time: {sum(r['wall_s'] for r in rows_used):.0f} s in all ({len(rows_used)} runs); "
-                  f"steps per run {', '.join(str(s) for s in sorted({r['steps'] for r in rows_used}))}; "
-                  f"code revision {', '.join(sorted({revision_of(r) for r in rows_used}))}; last run {r_last['time']}.  "]
+        r_last = max(rows_used, key=lambda r: r["time"])
+        lines += [f"### {'quick form (pipeline check, not evidence)' if quick else 'full'}", ""]
+        lines += provenance_lines(rows_used)
         info = r_last.get("data", {})
         if "tokenizer" in info:
             lines.append(f"Data: tokenizer {info['tokenizer']} ({info.get('bytes_per_token', 1):.2f} training bytes "
@@ -299,10 +308,12 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
             lines.append(overlap_line(r_last))
         lines.append("")
         problem = revision_problem(rows_used) or pairing_problem(by)
-        lines += problem_lines(exp, problem)
+        # the YAML's notes are about its full-form rows, not the pipeline check
+        noted = {k: v for k, v in exp.items() if k != "notes"} if quick else exp
+        lines += problem_lines(noted, problem)
         kind_cells = any("cells" in r["held"] for r in rows_used)
         lines += (cells_table(by) if kind_cells else text_table(by)) + [""]
-        lines += best_lr_lines(by) + note_lines(exp)
+        lines += best_lr_lines(by) + note_lines(noted)
         gate_ok, gate_line = gate(exp, by)
         if gate_line:
             lines += [gate_line, ""]

@@ -172,6 +172,18 @@ def test_lr_sweep_names_the_best_lr_per_router():
     assert best_lr_lines(latest(rows[:2])) == []  # one lr per router: not a sweep
 
 
+def test_provenance_names_every_machine_and_the_newest_run_whatever_the_row_order():
+    from conceptvlm.experiments.report_v2 import provenance_lines
+
+    rows = [dict(_row("a", s, 3.0), machine=m, time=t, command="run x", wall_s=10.0, steps=100, code_rev="abc1234")
+            for s, (m, t) in enumerate([("cpu A", "2026-12-06 02:50:33"), ("cpu B", "2026-12-06 01:37:19"),
+                                        ("cpu A", "2026-11-29 18:58:32")])]
+    cmd, machine, wall = provenance_lines(rows)
+    assert cmd == "Command(s): `run x`  " and machine == "Machines: cpu A; cpu B  "
+    assert wall.endswith("code revision abc1234; last run 2026-12-06 02:50:33.  ") and "30 s in all (3 runs)" in wall
+    assert provenance_lines(rows[:1])[1] == "Machine: cpu A  "
+
+
 def test_experiment_notes_print_under_the_table_and_a_mixed_sweep_is_only_flagged():
     from conceptvlm.experiments.report_v2 import note_lines, problem_lines
 
