@@ -4,6 +4,12 @@
 are gathered, sharded experts all-gathered back into ``[E, ...]`` weights) and writes
 the keys of a plain :class:`ConceptVLM`. ``load_exported`` needs neither DeepSpeed nor
 a process group.
+
+Every export carries ``manifest.json`` (each file's size and sha256, written last), and
+its weights are checked against it when loaded, so a truncated copy or flipped bytes stop
+with one line instead of loading a silently different model. The text files (config,
+tokenizer) are not: users edit them, and their parsers check them. Folders without a
+manifest (written by older versions) still load.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import torch.distributed as dist
 import yaml
 
 from .config import VLMConfig
+from .errors import UserError
+from .manifest import MANIFEST, verify_manifest, write_manifest
 from .vlm import ConceptVLM
 
 CONFIG = "config.yaml"
@@ -86,6 +94,7 @@ def write_model_dir(cfg: VLMConfig, out_dir: str | Path, write_weights: Callable
         tokenizer.save(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
+    write_manifest(tmp)
     return publish_folder(tmp, out, overwrite)
 
 
@@ -105,12 +114,29 @@ def export_model(model: torch.nn.Module, cfg: VLMConfig, out_dir: str | Path, to
     return path
 
 
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an exported model folder, after checking the folder against its
+    manifest. :class:`UserError` (one line naming the file) for a damaged folder or a
+    weights file that is not safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        problem = verify_manifest(path, only=[WEIGHTS])
+        if problem:
+            raise UserError(f"{path}: the exported model is damaged: {problem}",
+                            "export it again (or copy it again from where it was exported)")
+    try:
+        return load_file(str(path / WEIGHTS))
+    except SafetensorError as e:
+        raise UserError(f"{path / WEIGHTS} is not a readable safetensors file ({e})") from None
+
+
 def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
     """``(model, tokenizer)`` from an exported directory (this module's layout or the
     transformers one of ``export --hf``); the model is in eval mode. The tokenizer is None
     when the directory holds none."""
-    from safetensors.torch import load_file
-
     from .data import load_tokenizer
     from .hf_export import read_model_dir
 
@@ -118,7 +144,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: O
     cfg_dict, prefix = read_model_dir(path)
     cfg = vlm_config_from_dict(cfg_dict)
     model = ConceptVLM(cfg)
-    state = {k[len(prefix):]: v for k, v in load_file(str(path / WEIGHTS)).items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: v for k, v in load_weights(path).items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("patch_order")]
     if missing or unexpected:

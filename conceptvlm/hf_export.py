@@ -135,6 +135,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, push_to_hub: Optional[str
     from safetensors.torch import save_file
 
     from .checkpoint import check_replaceable, publish_folder
+    from .manifest import write_manifest
     from .export import load_exported, vlm_config_dict
 
     out = Path(out)
@@ -159,6 +160,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, push_to_hub: Optional[str
     proc = image_processor_config(model)
     if proc is not None:
         (tmp / "preprocessor_config.json").write_text(json.dumps(proc, indent=2))
+    write_manifest(tmp)  # transformers ignores it; load_exported checks the folder against it
     publish_folder(tmp, out, overwrite)
     if push_to_hub:
         from huggingface_hub import HfApi

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 MANIFEST = "manifest.json"
 FORMAT = "conceptvlm-manifest"
@@ -78,8 +78,13 @@ def write_manifest(folder: str | Path) -> Path:
     return out
 
 
-def verify_manifest(folder: str | Path) -> Optional[str]:
-    """None when ``folder`` matches its manifest, else what is wrong (one line)."""
+def verify_manifest(folder: str | Path, only: Optional[Sequence[str]] = None) -> Optional[str]:
+    """None when ``folder`` matches its manifest, else what is wrong (one line).
+
+    ``only``: check just these listed files (an exported model's weights): users add files
+    beside an export (a README), edit its config by hand, or keep it in a Hugging Face
+    cache where every file is a symlink to a blob, so there a listed file may be a symlink
+    to a regular file, and nothing else in the folder is checked."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -92,14 +97,25 @@ def verify_manifest(folder: str | Path) -> Optional[str]:
         listed = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in listed.items()}
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
-    files, odd = _files(folder)
+    if only is not None:
+        unlisted = [n for n in only if n not in listed]
+        if unlisted:
+            return f"{unlisted[0]} is not in the manifest"
+        listed = {n: listed[n] for n in only}
+        # names come from the manifest: look them up among the folder's own entries, so
+        # none can point outside it ("../x"); a symlinked entry is followed (hub caches)
+        entries = {p.name: p for p in folder.iterdir()} if all("/" not in n for n in only) else {}
+        files = {n: entries[n] for n in listed if n in entries and entries[n].is_file()}
+        odd = [n for n in listed if n in entries and n not in files]
+    else:
+        files, odd = _files(folder)
     if odd:
         return f"not a regular file: {odd[0]}"
     missing = sorted(set(listed) - set(files))
     if missing:
         return f"file missing: {missing[0]}"
     extra = sorted(set(files) - set(listed))
-    if extra:
+    if extra and only is None:
         return f"file not in the manifest: {extra[0]}"
     for rel, (size, digest) in sorted(listed.items()):
         actual = files[rel].stat().st_size

@@ -126,11 +126,9 @@ def build_model(cfg: TrainConfig, tokenizer):
                      **asdict(cfg.image))
     model = ConceptVLM(vcfg)
     if cfg.train.init_from:
-        from safetensors.torch import load_file
+        from .export import load_weights
 
-        from .export import WEIGHTS
-
-        state = load_file(str(Path(cfg.train.init_from) / WEIGHTS))
+        state = load_weights(cfg.train.init_from)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if not any(k.startswith(VISION_PARTS) for k in state):
             # A language model (e.g. converted from a pretrained checkpoint) starting a VLM:

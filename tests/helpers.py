@@ -93,3 +93,18 @@ def interleaved_row(vlm, parts) -> list[int]:
         else:
             ids += list(p.encode())
     return ids
+
+
+# Rendezvous variables that in-process training tests leave behind (their port is still
+# bound by this process) and accelerator hints: a fresh process must start without them.
+RENDEZVOUS_VARS = {"DS_ACCELERATOR", "CONCEPTVLM_SHM_COMM", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                   "MASTER_PORT"}
+
+
+def fresh_process_env(**extra: str) -> dict[str, str]:
+    """The environment of a new process as a user starts it (see :data:`RENDEZVOUS_VARS`)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env.update(extra)
+    return env

@@ -351,7 +351,8 @@ PROTOCOL_INTRO = [
     "held-out ratio misses its target by more than 5% is marked not matched and left out of verdicts; each claim "
     "names its variants in advance and is judged on the paired 95% t-interval (holds / does not hold / "
     "inconclusive); a table whose rows come from more than one code revision (the last commit touching the code "
-    "the runs execute) gets no verdicts.", "",
+    "the runs execute, as `conceptvlm/experiments/revision.py` names it; a test checks that no run imports the "
+    "files it leaves out) gets no verdicts.", "",
     "The plan runs in pieces: each run saves a checkpoint every 200 steps and an interrupted run resumes from it "
     "(bit for bit) when its command is given again; runs with rows are skipped; several processes given the same "
     "command share its runs out (e.g. `conceptvlm experiment run chunking_v2 & conceptvlm experiment run "

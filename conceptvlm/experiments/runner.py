@@ -16,13 +16,13 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from . import run2
 from .protocol import ratio_matched
+from .revision import code_rev, git_rev
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "docs" / "results"
@@ -69,49 +69,6 @@ def machine() -> str:
 
     return f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, " \
            f"Python {platform.python_version()}, torch {torch.__version__}"
-
-
-# The code a run executes: model, data, evaluation and this runner. The report, the plan,
-# the statistics, the CLI, the benchmarks and the experiment YAMLs (whose effect on a run is
-# in its run key) are left out, so editing them does not split a table across revisions.
-RUN_CODE = ["conceptvlm", "data", "vision", "eval", "configs/model", "configs/train", "configs/deepspeed",
-            *(f":(exclude)conceptvlm/experiments/{f}" for f in ("report.py", "report_v2.py", "plan.py", "stats.py",
-                                                                "cli.py")),
-            ":(exclude)conceptvlm/bench"]
-# A text-only run builds no vision tower and reads no image data: edits there leave text
-# tables (30 CPU hours of runs) standing. The vision config stays in: every config imports it.
-TEXT_RUNS_SKIP = [":(exclude)vision/towers.py", ":(exclude)vision/projector.py", ":(exclude)vision/transforms.py",
-                  ":(exclude)vision/checkpoint.py", ":(exclude)data/grounding_cells.py", ":(exclude)data/synthetic.py",
-                  ":(exclude)conceptvlm/experiments/grounding.py"]
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-
-
-def _rev_of(rev_args: list[str], paths: list[str]) -> str:
-    """``git <rev_args>``, with ``+dirty`` when ``paths`` have uncommitted changes, so rows
-    made with such code never pass for rows of a clean revision; "" without git."""
-    try:
-        rev = _git(*rev_args)
-        dirty = _git("status", "--porcelain", "--", *paths)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return rev + ("+dirty" if rev and dirty else "")
-
-
-def _git_rev() -> str:
-    """The checkout's short revision (``+dirty``: the code runs execute differs from it)."""
-    return _rev_of(["rev-parse", "--short", "HEAD"], RUN_CODE)
-
-
-def code_rev(kind: str = "vlm") -> str:
-    """The last commit that changed the code a run of ``kind`` (``text`` or ``vlm``)
-    executes (:data:`RUN_CODE`, less :data:`TEXT_RUNS_SKIP` for text), with ``+dirty`` for
-    uncommitted changes there. Rows of one table must share it: commits that touch only the
-    report or the docs leave it, and the runs' rows and checkpoints, as they are."""
-    paths = RUN_CODE + (TEXT_RUNS_SKIP if kind == "text" else [])
-    return _rev_of(["log", "-1", "--format=%h", "--", *paths], paths)
 
 
 # ------------------------------------------------------------------------------- data
@@ -415,7 +372,7 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     row: dict[str, Any] = {"experiment": exp["name"], "variant": variant["name"], "seed": seed,
                            "router": variant["router"], "R": float(variant.get("R", 2.0)) if variant["router"] != "none" else 1.0,
                            "steps": steps, "quick": quick, "command": command, "machine": machine(),
-                           "git": exp.get("_git", _git_rev()), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data["info"],
+                           "git": exp.get("_git", git_rev()), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "data": data["info"],
                            "params_total": flops.parameter_counts(model_cfg).n_total,
                            "params_activated": flops.parameter_counts(model_cfg).n_activated, **acct}
     row["R_image"] = cfg.model.chunk.target_ratio_image if exp.get("kind", "text") == "vlm" else None
@@ -589,7 +546,7 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
         command += f" --override {o}"
     exp["overrides"] = list(exp.get("overrides", [])) + list(extra_overrides or [])
     exp["_results_dir"] = str(results_dir)
-    exp["_git"] = _git_rev()  # the code this process runs, even if the checkout moves on meanwhile
+    exp["_git"] = git_rev()  # the code this process runs, even if the checkout moves on meanwhile
     exp["_code_rev"] = code_rev(exp.get("kind", "text"))
     runs_root = Path(runs_root)
     data = (run2.prepare_text_data(exp, runs_root / "_data") if exp.get("protocol", 1) == 2

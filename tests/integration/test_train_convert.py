@@ -84,6 +84,7 @@ def test_joint_decoding_baseline_is_refused(baseline, tmp_path):
     state["lm.decoder.0.attn.uqkv.weight"] = torch.full(shape, 0.01)
     state["lm.decoder.0.z_norm.weight"] = torch.ones(shape[1])
     save_file(state, str(bad / WEIGHTS))
+    (bad / "manifest.json").unlink()  # weights made by hand: the export's manifest no longer vouches for them
     with pytest.raises(ConfigError, match="not a plain MoE"):
         convert_baseline(bad, _target(d, "x", "model.chunk.router=none"), tmp_path / "out")
 

@@ -2,12 +2,12 @@
 (an empty TORCH_EXTENSIONS_DIR stays empty) and prints none of the known-harmless CPU
 warnings; a multi-rank CPU run says it is compiling before it does."""
 import importlib
-import os
 import subprocess
 import sys
 
 import pytest
 
+from helpers import fresh_process_env
 from train_helpers import REPO, text_shards, train_yaml
 
 
@@ -16,11 +16,7 @@ def test_single_process_training_builds_no_op_and_is_quiet(tmp_path):
     cfg = train_yaml(tmp_path / "train.yaml", text_shards(tmp_path / "shards", num=40), train={"steps": 2})
     ext = tmp_path / "torch_extensions"
     ext.mkdir()
-    # A fresh process as a user starts it: no accelerator hint, and none of the rendezvous
-    # variables that in-process training tests leave behind (their port is still bound).
-    drop = {"DS_ACCELERATOR", "CONCEPTVLM_SHM_COMM", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
+    env = fresh_process_env(TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "conceptvlm.train", "--config", str(cfg)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

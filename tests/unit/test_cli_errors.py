@@ -1,5 +1,7 @@
 """Every command turns expected failures into one line and exit code 2 (``--debug`` shows
 the traceback): missing and empty files, bad configs, unknown tasks, wrong checkpoint layouts."""
+import shutil
+
 import pytest
 import torch
 
@@ -37,6 +39,8 @@ CASES = [
     ("experiment report --results {tmp}/missing", "results folder not found"),
     ("generate --checkpoint {tmp}/run --prompt hi", "pass {tmp}/run/export"),
     ("generate --checkpoint {good} --prompt hi --image {tmp}/afile", "afile"),
+    ("generate --checkpoint {tmp}/damaged --prompt hi", "model.safetensors does not match its sha256"),
+    ("generate --checkpoint {tmp}/truncated --prompt hi", "model.safetensors is not a readable safetensors file"),
     ("generate --checkpoint {good} --input {tmp}/req.jsonl", "a row needs a string 'prompt'"),
     ("generate --checkpoint {good} --prompt hi --top-p 0", "top_p"),
     ("export --hf {tmp}/hf --checkpoint {tmp}/empty", "no exported model"),
@@ -57,6 +61,16 @@ def bad_inputs(tmp_path_factory):
     vlm = tiny_vlm(dtype=torch.float32)
     good = save_model_dir(vlm.state_dict(), vlm.config, tmp / "good", ByteTokenizer())
     save_model_dir(vlm.state_dict(), vlm.config, tmp / "run" / "export", ByteTokenizer())
+    # flipped bytes inside the weights (caught by the manifest), and a truncated copy of a
+    # folder from before manifests (caught by safetensors itself)
+    for name in ("damaged", "truncated"):
+        shutil.copytree(good, tmp / name)
+    weights = tmp / "damaged" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (tmp / "truncated" / "manifest.json").unlink()
+    (tmp / "truncated" / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:100])
     return tmp, good
 
 

@@ -431,7 +431,7 @@ def test_code_revision_moves_with_the_code_a_run_executes_only(tmp_path, monkeyp
     docs edits leave it, vision edits leave text tables, model edits move both."""
     import subprocess
 
-    from conceptvlm.experiments import runner
+    from conceptvlm.experiments import revision as runner
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
@@ -456,6 +456,45 @@ def test_code_revision_moves_with_the_code_a_run_executes_only(tmp_path, monkeyp
     assert (runner.code_rev("text"), runner.code_rev("vlm")) == (model, tower)
     (tmp_path / "conceptvlm" / "model.py").write_text("edited")
     assert runner.code_rev("text") == model + "+dirty"
+
+
+def test_code_left_out_of_the_revision_is_never_imported_by_a_run(tmp_path):
+    """Editing a file that :data:`revision.NOT_RUN` leaves out keeps the rows of long
+    experiments: that is only safe if no run executes it. Run the quick form of a text and
+    a vision experiment and check that none of those files' modules was imported."""
+    import json
+    import subprocess
+    import sys
+
+    from conceptvlm.experiments.revision import NOT_RUN, REPO, SELF, not_run_files
+    from helpers import fresh_process_env
+
+    script = (
+        "import json, sys\n"
+        "from conceptvlm.experiments.runner import run_experiment\n"
+        f"kw = dict(quick=True, runs_root={str(tmp_path / 'runs')!r}, results_dir={str(tmp_path / 'rows')!r}, "
+        "seeds=[0], steps=2)\n"
+        "run_experiment('grounding_cells', variants=['r4-hilbert-2d'], **kw)\n"
+        "run_experiment('chunking_v2', variants=['cosine-topk'], **kw)\n"
+        "print(json.dumps(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=fresh_process_env(), capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert "conceptvlm.model" in imported and "conceptvlm.data.grounding_cells" in imported  # the runs ran
+
+    def module(path: str) -> str:
+        parts = path[:-len(".py")].split("/")
+        if parts[0] != "conceptvlm":  # data/, vision/, eval/ install as conceptvlm's subpackages
+            parts = ["conceptvlm", *parts]
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = not_run_files()
+    typos = [p for p in NOT_RUN if not any(f == p or f.startswith(p + "/") for f in files)]
+    assert not typos, f"entries of NOT_RUN that name no tracked file: {typos}"
+    left_out = [f for f in files if f.endswith(".py") and f != SELF]
+    ran = [f for f in left_out if module(f) in imported]
+    assert not ran, f"left out of the code revision but imported by a run: {ran}"
 
 
 def test_run_key_does_not_depend_on_where_the_checkout_and_runs_live(tmp_path, monkeypatch):
