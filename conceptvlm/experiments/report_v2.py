@@ -46,6 +46,27 @@ def revision_problem(rows: list[dict]) -> Optional[str]:
     return None
 
 
+def split_by_revision(exp: dict, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(current, superseded)``. A table that decides claims is read at one code revision,
+    that of its most recently finished row: a model-code change reruns the table, and rows
+    of other revisions are shown apart until the rerun replaces them. A sweep (no claims)
+    keeps every row, and :func:`revision_problem` flags the mix."""
+    if not exp.get("claims") or not rows:
+        return rows, []
+    rev = revision_of(max(rows, key=lambda r: r["time"]))
+    return [r for r in rows if revision_of(r) == rev], [r for r in rows if revision_of(r) != rev]
+
+
+def superseded_lines(old: list[dict], current: list[dict]) -> list[str]:
+    if not old:
+        return []
+    runs = sorted({(r["variant"], r["seed"]) for r in old})
+    return [f"Superseded, left out of the table and its verdicts: {len(runs)} run(s) made with older code "
+            f"(revision {', '.join(sorted({revision_of(r) for r in old}))}): "
+            + ", ".join(f"{v} seed {s}" for v, s in runs)
+            + f". The table reruns at {revision_of(current[0])}.", ""]
+
+
 def pairing_problem(by: dict[str, dict[int, dict]]) -> Optional[str]:
     """Seeds whose variants did not read the same data (different ``data_order``)."""
     orders: dict[int, set] = defaultdict(set)
@@ -294,7 +315,8 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
     forms = defaultdict(list)
     for r in rows:
         forms[r["quick"]].append(r)
-    for quick, rs in sorted(forms.items()):
+    for quick, every in sorted(forms.items()):
+        rs, old = split_by_revision(exp, every)
         by = latest(rs)
         rows_used = [r for seeds in by.values() for r in seeds.values()]
         r_last = max(rows_used, key=lambda r: r["time"])
@@ -312,7 +334,7 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
         noted = {k: v for k, v in exp.items() if k != "notes"} if quick else exp
         lines += problem_lines(noted, problem)
         kind_cells = any("cells" in r["held"] for r in rows_used)
-        lines += (cells_table(by) if kind_cells else text_table(by)) + [""]
+        lines += (cells_table(by) if kind_cells else text_table(by)) + [""] + superseded_lines(old, rs)
         lines += best_lr_lines(by) + note_lines(noted)
         gate_ok, gate_line = gate(exp, by)
         if gate_line:
@@ -363,7 +385,7 @@ def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[
     """One line per claim of the paper: its verdict, or that it has not been run."""
     out = ["## Verdicts", ""]
     for text, name, cid in PAPER_CLAIMS_V2:
-        full = [r for r in rows.get(name, []) if not r["quick"]]
+        full = split_by_revision(exps.get(name, {}), [r for r in rows.get(name, []) if not r["quick"]])[0]
         claim = next((c for c in exps.get(name, {}).get("claims", []) if c["id"] == cid), None)
         if not full or claim is None:
             out.append(f"- **{text}**: not run yet under the second protocol (`conceptvlm experiment run {name}`); "
@@ -413,7 +435,8 @@ def plan_lines(results_dir, rows: Optional[dict[str, list[dict]]] = None) -> lis
            "`conceptvlm experiment plan --measure` (seconds per training step after warm-up and evaluation time "
            "per scored unit of each stage's most expensive variant, on this machine) and multiplied out to the "
            "full forms. Runs resume from their last checkpoint when a process stops, so the plan runs in pieces; "
-           "*done* counts the full-form runs with rows, *hours spent* their CPU time (every piece), *s per step "
+           "*done* counts the full-form runs with rows (at the table's current code revision), *hours spent* their "
+           "CPU time (every piece), *s per step "
            "in runs* their mean logged step time.", "",
            "| stage | experiment | runs | steps per run | s per step timed | load when timed | s per step in runs "
            "| evaluation per run | CPU hours timed | done | hours spent | hours left |",
@@ -477,7 +500,8 @@ def second_protocol_lines(names: list[str], results_dir, experiments_dir) -> tup
         return [], first
     from .plan import PLAN
 
-    lines = PROTOCOL_INTRO + verdict_summary(exps, rows) + plan_lines(results_dir, rows)
+    current = {n: split_by_revision(exps[n], [r for r in rs if not r.get("quick")])[0] for n, rs in rows.items()}
+    lines = PROTOCOL_INTRO + verdict_summary(exps, rows) + plan_lines(results_dir, current)
     order = [n for _, n, _ in PLAN if n in exps] + sorted(set(exps) - {n for _, n, _ in PLAN})
     for name in order:
         exp = exps[name]

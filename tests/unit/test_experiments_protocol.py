@@ -158,6 +158,28 @@ def test_claims_leave_out_unmatched_rows_and_mixed_revisions_withhold_verdicts()
     assert "[1]" in pairing_problem(latest(rows))
 
 
+def test_a_claims_table_is_read_at_its_newest_revision_and_a_sweep_keeps_its_mix():
+    from conceptvlm.experiments.report_v2 import (claim_lines, latest, revision_problem, split_by_revision,
+                                                   superseded_lines)
+
+    claim = {"claims": [{"id": "c", "text": "dyn < none", "chain": ["dyn", "none"], "metric": "held_bpb"}]}
+    old = [dict(_row(v, 0, 3.0, git="aaa1111"), time="2026-12-01 10:00:00") for v in ("dyn", "none")]
+    new = [dict(_row(v, s, 2.8 + (0.2 if v == "none" else 0.0) + 0.01 * s, git="bbb2222"),
+                time=f"2026-12-06 0{s}:00:00") for v in ("dyn", "none") for s in range(5)]
+    current, superseded = split_by_revision(claim, old + new)
+    assert current == new and superseded == old and revision_problem(current) is None
+    assert "**holds**" in claim_lines(claim, latest(current), None)[0]
+    line = superseded_lines(superseded, current)[0]
+    assert "2 run(s) made with older code (revision aaa1111): dyn seed 0, none seed 0" in line
+    assert line.endswith("The table reruns at bbb2222.")
+    # a later row from older code makes that revision the table's; the newer rows wait apart
+    late = [dict(old[0], time="2026-12-07 00:00:00")]
+    assert split_by_revision(claim, new + late) == (late, new)
+    # a sweep decides nothing: it keeps every row, flagged
+    assert split_by_revision({}, old + new) == (old + new, []) and superseded_lines([], new) == []
+    assert "2 revisions" in revision_problem(old + new)
+
+
 def test_lr_sweep_names_the_best_lr_per_router():
     from conceptvlm.experiments.report_v2 import best_lr_lines, latest
 
