@@ -382,10 +382,11 @@ PROTOCOL_INTRO = [
 
 
 def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[str]:
-    """One line per claim of the paper: its verdict, or that it has not been run."""
+    """One line per claim of the paper: its verdict, or that it has not been run. ``rows``:
+    each experiment's full-form rows at its current revision (:func:`split_by_revision`)."""
     out = ["## Verdicts", ""]
     for text, name, cid in PAPER_CLAIMS_V2:
-        full = split_by_revision(exps.get(name, {}), [r for r in rows.get(name, []) if not r["quick"]])[0]
+        full = rows.get(name, [])
         claim = next((c for c in exps.get(name, {}).get("claims", []) if c["id"] == cid), None)
         if not full or claim is None:
             out.append(f"- **{text}**: not run yet under the second protocol (`conceptvlm experiment run {name}`); "
@@ -501,7 +502,7 @@ def second_protocol_lines(names: list[str], results_dir, experiments_dir) -> tup
     from .plan import PLAN
 
     current = {n: split_by_revision(exps[n], [r for r in rs if not r.get("quick")])[0] for n, rs in rows.items()}
-    lines = PROTOCOL_INTRO + verdict_summary(exps, rows) + plan_lines(results_dir, current)
+    lines = PROTOCOL_INTRO + verdict_summary(exps, current) + plan_lines(results_dir, current)
     order = [n for _, n, _ in PLAN if n in exps] + sorted(set(exps) - {n for _, n, _ in PLAN})
     for name in order:
         exp = exps[name]

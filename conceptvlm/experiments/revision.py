@@ -33,7 +33,8 @@ NOT_RUN = [SELF,
 CODE_DIRS = ["conceptvlm", "data", "vision", "eval"]  # the package (data, vision, eval are its subpackages)
 # The code a run executes: model, data, evaluation, the runner, and the configs they read
 # (the experiment YAMLs are not here: their effect on a run is in its run key).
-RUN_CODE = [*CODE_DIRS, "configs/model", "configs/train", "configs/deepspeed", *(f":(exclude){p}" for p in NOT_RUN)]
+NOT_RUN_EXCLUDES = [f":(exclude){p}" for p in NOT_RUN]
+RUN_CODE = [*CODE_DIRS, "configs/model", "configs/train", "configs/deepspeed", *NOT_RUN_EXCLUDES]
 # A text-only run builds no vision tower and reads no image data: edits there leave text
 # tables (30 CPU hours of runs) standing. The vision config stays in: every config imports it.
 TEXT_RUNS_SKIP = [":(exclude)vision/towers.py", ":(exclude)vision/projector.py", ":(exclude)vision/transforms.py",
@@ -72,5 +73,5 @@ def code_rev(kind: str = "vlm") -> str:
 def not_run_files() -> list[str]:
     """The tracked files under the code folders that :data:`NOT_RUN` leaves out."""
     every = set(_git("ls-files", "--", *CODE_DIRS).splitlines())
-    counted = set(_git("ls-files", "--", *CODE_DIRS, *(f":(exclude){p}" for p in NOT_RUN)).splitlines())
+    counted = set(_git("ls-files", "--", *CODE_DIRS, *NOT_RUN_EXCLUDES).splitlines())
     return sorted(every - counted)
