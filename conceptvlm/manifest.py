@@ -102,9 +102,9 @@ def verify_manifest(folder: str | Path, only: Optional[Sequence[str]] = None) ->
         if unlisted:
             return f"{unlisted[0]} is not in the manifest"
         listed = {n: listed[n] for n in only}
-        # names come from the manifest: look them up among the folder's own entries, so
-        # none can point outside it ("../x"); a symlinked entry is followed (hub caches)
-        entries = {p.name: p for p in folder.iterdir()} if all("/" not in n for n in only) else {}
+        # plain names only, so none can point outside the folder ("../x"); a symlinked
+        # entry is followed (hub caches)
+        entries = {n: folder / n for n in listed if Path(n).name == n != ".." and os.path.lexists(folder / n)}
         files = {n: entries[n] for n in listed if n in entries and entries[n].is_file()}
         odd = [n for n in listed if n in entries and n not in files]
     else:

@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from . import run2
-from .protocol import ratio_matched
-from .revision import code_rev, git_rev
+from .revision import REPO, code_rev, git_rev
 
-REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "docs" / "results"
 EXPERIMENTS_DIR = REPO / "configs" / "experiments"
 
@@ -84,23 +82,9 @@ def prepare_data(exp: dict, root: Path) -> dict:
                 "held": {d: man["shards"][f"held/{d}"] for d in mix},
                 "train_eval": {d: man["shards"][f"train/{d}"] for d in mix},
                 "info": {"docs": man["docs"], "chars": man["chars"], "stdlib": man["stdlib"]}}
-    from conceptvlm.data.grounding_cells import write_cell_shards
-    from conceptvlm.data.synthetic import write_synthetic_shards
+    from .vlm_runs import prepare_vlm_data  # text runs never import the vision side
 
-    specs: dict[str, dict[str, list[str]]] = {"train": {}, "held": {}}
-    for kind, (n_train, n_held) in exp["synthetic"].items():
-        for split, n, start in (("train", n_train, 0), ("held", n_held, 10**6)):
-            d = root / "synthetic" / split / f"{kind}-{n}"  # experiments with other sizes don't share
-            if not d.exists():
-                if kind == "cells":  # the grounding-cell task (VQA samples)
-                    write_cell_shards(d, num=n, shard_size=500, seed=0, start_index=start)
-                else:
-                    write_synthetic_shards(kind, d, num=n, shard_size=500, seed=0, start_index=start)
-            specs[split][kind] = sorted(str(p) for p in d.glob("*.tar"))
-    weights = exp.get("weights", {})
-    return {"train_sources": [{"shards": s, "kind": "vqa" if k == "cells" else k, "weight": float(weights.get(k, 1.0))}
-                              for k, s in specs["train"].items()],
-            "held": specs["held"], "train_eval": {}, "info": {"synthetic": exp["synthetic"]}}
+    return prepare_vlm_data(exp, root)
 
 
 # ---------------------------------------------------------------------- compute matching
@@ -172,67 +156,6 @@ def _evaluate_text(model, tok, shards: dict, limit: Optional[int]) -> dict:
     return res
 
 
-def _evaluate_vlm(model, tok, held: dict, limit: Optional[int], out_dir: Path) -> dict:
-    from conceptvlm.eval.suites import evaluate
-
-    res = {}
-    for suite, kind in (("text", "text"), ("vqa", "vqa"), ("grounding", "grounding")):
-        if kind in held:
-            s = evaluate(suite, model, tok, data=held[kind], limit=limit, batch_size=16,
-                         out_path=out_dir / f"eval_{suite}.json")["summary"]
-            res[suite] = {k: v for k, v in s.items() if isinstance(v, (int, float, str))}
-    return res
-
-
-def realised_ratios_vlm(model, tok, held: dict) -> dict:
-    """Tokens per concept of each modality (eval rule) over the held-out caption and VQA
-    documents, packed as in training."""
-    import torch
-
-    from conceptvlm.data import DataConfig, Source, build_loader
-    from conceptvlm.eval.prompts import question_first
-
-    kinds = [k for k in ("caption", "vqa", "cells") if k in held]
-    if not kinds:
-        return {}
-    cfg = DataConfig(seq_len=256, batch_size=8, image_tokens_per_image=model.tokens_per_image, seed=0, epochs=1,
-                     shuffle_buffer=0, question_first=question_first(model))
-    loader = build_loader([Source(held[k], "vqa" if k == "cells" else k) for k in kinds], tok, cfg,
-                          image_transform=model.image_processor)
-    tokens: dict[str, int] = {}
-    bounds: dict[str, int] = {}
-    model.eval()
-    with torch.no_grad():
-        for b in loader:
-            out = model(b["input_ids"], doc_ids=b["doc_ids"], images=b["images"])
-            for m, st in out.chunk_stats.items():
-                tokens[m] = tokens.get(m, 0) + int(st["tokens"])
-                bounds[m] = bounds.get(m, 0) + int(st["eval_boundaries"])
-    return {m: tokens[m] / max(bounds[m], 1) for m in tokens}
-
-
-def boundary_picture(model, tok, held: dict, path: Path, label: str) -> Optional[str]:
-    """Concept regions of ``model`` on the first held-out caption sample (image + text)."""
-    import torch
-
-    from conceptvlm.data.counters import DataCounters
-    from conceptvlm.data.samples import caption_document
-    from conceptvlm.data.shards import expand_shards
-    from conceptvlm.data.tario import iter_shard
-    from conceptvlm.data.templates import encode_parts
-    from conceptvlm.viz import boundary_figure
-
-    if "caption" not in held or getattr(model, "image_processor", None) is None:
-        return None
-    raw = next(iter_shard(expand_shards(held["caption"])[0], DataCounters()))
-    parts, images = caption_document(raw)
-    ids, _ = encode_parts(parts, tok, model.tokens_per_image)
-    pixels = torch.stack([model.image_processor(im) for im in images])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    boundary_figure({label: model}, torch.tensor([list(ids)]), pixels, lambda i: tok.decode([i]), path)
-    return path.name
-
-
 def _train_ratios(metrics_path: Path, last: int = 20) -> dict:
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
     out = {}
@@ -250,8 +173,11 @@ def run_key(cfg, exp: dict, runs_root: Optional[Path] = None) -> str:
     the evaluation settings. A run folder or result row with another key is not reused.
     Paths count relative to the runs folder and the checkout, so the same run made in
     another clone or folder keeps its key (and its rows are not rerun)."""
-    blob = json.dumps({"config": cfg.to_dict(), "code": exp.get("_code_rev", ""),
-                       "eval": [exp.get("eval_limit"), exp.get("eval_window")]}, sort_keys=True, default=str)
+    what = {"config": cfg.to_dict(), "code": exp.get("_code_rev", ""),
+            "eval": [exp.get("eval_limit"), exp.get("eval_window")]}
+    if exp.get("warmup"):  # a stage before the config's own training
+        what["warmup"] = exp["warmup"]
+    blob = json.dumps(what, sort_keys=True, default=str)
     runs = [] if runs_root is None else [(Path(runs_root).resolve(), "$RUNS"), (Path(runs_root), "$RUNS")]
     for root, name in runs + [(REPO, "$REPO")]:
         if str(root) not in (".", os.sep):
@@ -314,6 +240,10 @@ def run_config(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path,
         "train.progress=false"]
     if v2:  # same data order for every variant of a seed; one pass; the corpus' tokenizer
         common += run2.data_overrides(data, seed)
+    if exp.get("warmup"):  # the task starts from the warm-up stage's model (vlm_runs.run_warmup)
+        from .vlm_runs import warmup_export
+
+        common.append(f"train.init_from={warmup_export(run_dir)}")
     probe = load_train_config(None, overrides=common, data=base)
     steps = (run2.packed_steps(exp, probe, runs_root / "_data") if v2 and exp.get("kind", "text") == "text" else
              run2.planned_steps(exp, data, probe.data.seq_len, probe.data.batch_size, probe.optim.grad_accum))
@@ -361,6 +291,10 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
         state["pieces"] += 1
         t_piece = state["piece_started"] = time.time()
         _write_run_state(run_dir, state)
+        if exp.get("warmup"):
+            from .vlm_runs import run_warmup
+
+            run_warmup(exp, cfg, data, run_dir)
         train(cfg)  # resumes from run_dir/checkpoints when an earlier piece left one
         state.update(trained=True, train_wall_s=state["train_wall_s"] + time.time() - t_piece)
         state.pop("piece_started")
@@ -397,23 +331,10 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
             row["train_eval"] = _evaluate_text(model, tok, data["train_eval"], limit)
         realised = row["held"]["all"]["realised_ratio"]
     else:
-        row["held"] = _evaluate_vlm(model, tok, data["held"], limit, run_dir)
-        row["held"]["ratio"] = realised_ratios_vlm(model, tok, data["held"])
-        if "cells" in data["held"]:
-            from .grounding import evaluate_cells
+        from .vlm_runs import score_vlm_run
 
-            t_eval = time.time()
-            row["held"]["cells"] = evaluate_cells(model, tok, data["held"]["cells"], limit)
-            row["eval_wall_s"] = time.time() - t_eval
-            ratio = row["held"]["ratio"]
-            row.update(protocol=2, image_order=cfg.image.image_order, image_positions=cfg.image.image_positions,
-                       matched=variant["router"] == "none" or (
-                           ratio_matched(ratio.get("text"), row["R"])
-                           and ratio_matched(ratio.get("image"), row["R_image"])))
-        if variant["router"] != "none":
-            pic = Path(exp.get("_results_dir", RESULTS_DIR)) / f"{exp['name']}_{variant['name']}_s{seed}_boundaries.png"
-            row["boundary_picture"] = boundary_picture(model, tok, data["held"], pic, f"{variant['name']} seed {seed}")
-        realised = row["held"]["ratio"].get("text", row["R"])
+        realised = score_vlm_run(row, model, tok, exp, variant, cfg, data, run_dir,
+                                 Path(exp.get("_results_dir", RESULTS_DIR)))
     row["flops_per_token"] = flops.linear_flops_per_token(
         model_cfg, row["R"] if variant["router"] != "none" else None)["all"]
     row["flops_per_token_realised"] = (flops.linear_flops_per_token(model_cfg, max(realised, 1.0))["all"]
@@ -438,6 +359,8 @@ def rescore_held_ratios(name: str, runs_root: str | Path = "runs/experiments",
 
     from conceptvlm.export import load_exported
 
+    from . import vlm_runs
+
     exp = load_experiment(name)
     if exp.get("kind", "text") != "vlm":
         return 0
@@ -454,7 +377,7 @@ def rescore_held_ratios(name: str, runs_root: str | Path = "runs/experiments",
                 continue
             model, tok = load_exported(export)
             torch.manual_seed(row["seed"])
-            row["held"]["ratio"] = realised_ratios_vlm(model, tok, data["held"])
+            row["held"]["ratio"] = vlm_runs.realised_ratios_vlm(model, tok, data["held"])
             done += 1
     return done
 

@@ -6,7 +6,7 @@ import torch
 
 from conceptvlm.data import DataConfig, Source, build_loader, load_tokenizer
 from conceptvlm.data.synthetic import write_synthetic_shards
-from conceptvlm.experiments.runner import realised_ratios_vlm
+from conceptvlm.experiments.vlm_runs import realised_ratios_vlm
 from helpers import tiny_vlm
 
 TARGET_TEXT, TARGET_IMAGE = 1.5, 3.0

@@ -3,6 +3,7 @@ check, seed pairing, the ±5% ratio rule, paired verdicts, the grounding-cell sc
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -483,12 +484,13 @@ def test_code_revision_moves_with_the_code_a_run_executes_only(tmp_path, monkeyp
 def test_code_left_out_of_the_revision_is_never_imported_by_a_run(tmp_path):
     """Editing a file that :data:`revision.NOT_RUN` leaves out keeps the rows of long
     experiments: that is only safe if no run executes it. Run the quick form of a text and
-    a vision experiment and check that none of those files' modules was imported."""
+    a vision experiment and check that none of those files' modules was imported, and that
+    the text run imported none of :data:`revision.TEXT_RUNS_SKIP`."""
     import json
     import subprocess
     import sys
 
-    from conceptvlm.experiments.revision import NOT_RUN, REPO, SELF, not_run_files
+    from conceptvlm.experiments.revision import NOT_RUN, REPO, SELF, TEXT_RUNS_SKIP, not_run_files
     from helpers import fresh_process_env
 
     script = (
@@ -496,14 +498,16 @@ def test_code_left_out_of_the_revision_is_never_imported_by_a_run(tmp_path):
         "from conceptvlm.experiments.runner import run_experiment\n"
         f"kw = dict(quick=True, runs_root={str(tmp_path / 'runs')!r}, results_dir={str(tmp_path / 'rows')!r}, "
         "seeds=[0], steps=2)\n"
-        "run_experiment('grounding_cells', variants=['r4-hilbert-2d'], **kw)\n"
         "run_experiment('chunking_v2', variants=['cosine-topk'], **kw)\n"
-        "print(json.dumps(sorted(sys.modules)))\n")
+        "print('modules', json.dumps(sorted(sys.modules)))\n"
+        "run_experiment('grounding_cells', variants=['r4-hilbert-2d'], **kw)\n"
+        "print('modules', json.dumps(sorted(sys.modules)))\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=fresh_process_env(), capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    imported = set(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert "conceptvlm.model" in imported and "conceptvlm.data.grounding_cells" in imported  # the runs ran
+    text_run, imported = (set(json.loads(x.split(" ", 1)[1])) for x in out.stdout.splitlines()
+                          if x.startswith("modules "))
+    assert "conceptvlm.model" in text_run and "conceptvlm.data.grounding_cells" in imported  # the runs ran
 
     def module(path: str) -> str:
         parts = path[:-len(".py")].split("/")
@@ -517,6 +521,9 @@ def test_code_left_out_of_the_revision_is_never_imported_by_a_run(tmp_path):
     left_out = [f for f in files if f.endswith(".py") and f != SELF]
     ran = [f for f in left_out if module(f) in imported]
     assert not ran, f"left out of the code revision but imported by a run: {ran}"
+    skipped = [p.removeprefix(":(exclude)") for p in TEXT_RUNS_SKIP]
+    ran = [f for f in skipped if module(f) in text_run]
+    assert not ran, f"left out of the text tables' revision but imported by a text run: {ran}"
 
 
 def test_run_key_does_not_depend_on_where_the_checkout_and_runs_live(tmp_path, monkeypatch):
@@ -555,6 +562,47 @@ def test_grounding_prior_uses_the_samples_own_cells():
     assert answer_cells(20) == [(m["row"], m["col"]) for m in metas]
     prior = answer_prior_nats(7, n=3000)
     assert 0.45 < prior < np.log(64) / 7  # below uniform: centres keep off the edges
+
+
+def test_warmup_scenes_have_the_asked_shape_count_and_leave_the_task_draws_alone():
+    from conceptvlm.data.grounding_cells import cell_sample, make_cell_scene
+
+    one = [json.loads(cell_sample(i, shapes=1)["json"]) for i in range(30)]
+    assert all(len(m["scene"]) == 1 for m in one)
+    task = [json.loads(cell_sample(i)["json"]) for i in range(30)]
+    assert {len(m["scene"]) for m in task} == {1, 2, 3}
+    assert [m["scene"] for m in one] != [m["scene"] for m in task]  # another stream, not a prefix of it
+    rng = random.Random("cells:0:7")  # the task's own draw, unchanged by the shapes option
+    assert [[s.shape, s.colour, list(s.box)] for s in make_cell_scene(rng)] == task[7]["scene"]
+
+
+def test_grounding_warmup_stage_trains_first_and_the_task_starts_from_it(tmp_path, monkeypatch):
+    """``warmup:`` trains a stage on one-shape scenes in RUN/warmup, the task run starts
+    from its export, a rerun of the piece does not train it again, and the warm-up counts
+    in the run key."""
+    from omegaconf import OmegaConf
+
+    from conceptvlm.experiments import runner, vlm_runs
+
+    kw = dict(quick=True, runs_root=tmp_path / "runs", results_dir=tmp_path / "rows", seeds=[0])
+    row = runner.run_experiment("grounding_cells", variants=["r1-raster-1d"], **kw)[0]
+    run = tmp_path / "runs" / "grounding_cells" / "quick" / "r1-raster-1d-s0"
+    warm = OmegaConf.load(run / "warmup" / "config.yaml")
+    assert warm.train.steps == 2 and warm.train.init_from is None
+    assert [Path(p).parent.name for p in warm.data.sources[0].shards] == ["cells1-16"]
+    assert sum(1 for _ in open(run / "warmup" / "metrics.jsonl")) == 2
+    assert OmegaConf.load(run / "config.yaml").train.init_from == str(run / "warmup" / "export")
+    assert row["warmup"] == {"shapes": 1, "samples": 16, "steps": 2} and row["steps"] == 3
+
+    calls = []
+    monkeypatch.setattr("conceptvlm.train.train", lambda cfg: calls.append(cfg.train.out_dir))
+    exp = runner.load_experiment("grounding_cells", quick=True)
+    data = runner.prepare_data(exp, tmp_path / "runs" / "_data")
+    vlm_runs.run_warmup(exp, None, data, run)  # exported already: nothing to train
+    assert calls == []
+    cfg = runner.run_config(exp, exp["variants"][0], 0, data, tmp_path / "runs", True)[0]
+    other = {**exp, "warmup": {"shapes": 1, "samples": 16, "steps": 3}}
+    assert runner.run_key(cfg, exp) != runner.run_key(cfg, other)
 
 
 def test_a_timing_measured_on_an_older_form_of_the_yaml_is_flagged_stale(tmp_path):
