@@ -576,6 +576,16 @@ def test_warmup_scenes_have_the_asked_shape_count_and_leave_the_task_draws_alone
     assert [[s.shape, s.colour, list(s.box)] for s in make_cell_scene(rng)] == task[7]["scene"]
 
 
+def test_report_says_what_the_grounding_runs_trained_on_before_the_task():
+    from conceptvlm.experiments.report_v2 import warmup_lines
+
+    w = {"shapes": 1, "samples": 32000, "steps": 1000}
+    assert warmup_lines([{"seed": 0}, {"seed": 1}]) == []
+    (line,) = [x for x in warmup_lines([{"warmup": w}, {"warmup": w}]) if x]
+    assert "1,000 steps on 32,000 scenes of exactly 1 shape(s)" in line
+    assert "differ" in warmup_lines([{"warmup": w}, {}])[-1]
+
+
 def test_grounding_warmup_stage_trains_first_and_the_task_starts_from_it(tmp_path, monkeypatch):
     """``warmup:`` trains a stage on one-shape scenes in RUN/warmup, the task run starts
     from its export, a rerun of the piece does not train it again, and the warm-up counts
