@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from .synthetic import COLOURS, SHAPES, SIZES, Shape, _jpeg, draw_scene, write_indexed_shards
 
@@ -32,10 +32,9 @@ def all_cell_answers(grid: int = GRID) -> list[str]:
     return [cell_answer(r, c) for r in range(grid) for c in range(grid)]
 
 
-def make_cell_scene(rng: random.Random, image_size: int = 64, shapes: Optional[int] = None) -> list[Shape]:
-    """1-3 large shapes (or exactly ``shapes``), distinct colours, centres at least one
-    diameter apart."""
-    n = rng.randint(1, 3) if shapes is None else shapes
+def make_cell_scene(rng: random.Random, image_size: int = 64) -> list[Shape]:
+    """1-3 large shapes, distinct colours, centres at least one diameter apart."""
+    n = rng.randint(1, 3)
     r = SIZES["large"] * image_size
     colours = rng.sample(sorted(COLOURS), n)
     centres: list[tuple[float, float]] = []
@@ -53,12 +52,10 @@ def centre_cell(shape: Shape, image_size: int = 64, grid: int = GRID) -> tuple[i
     return (min(grid - 1, int((y1 + y2) / 2 // side)), min(grid - 1, int((x1 + x2) / 2 // side)))
 
 
-def cell_sample(index: int, seed: int = 0, image_size: int = 64, shapes: Optional[int] = None) -> dict[str, Any]:
-    """One sample: a ``webdataset`` dict with ``jpg`` and ``json``. ``shapes`` fixes the
-    number of shapes (the warm-up scenes of a curriculum: ``shapes=1`` needs no colour
-    matching); such scenes are other draws than the task's, from another random stream."""
-    rng = random.Random(f"cells:{seed}:{index}" if shapes is None else f"cells{shapes}:{seed}:{index}")
-    scene = make_cell_scene(rng, image_size, shapes)
+def cell_sample(index: int, seed: int = 0, image_size: int = 64) -> dict[str, Any]:
+    """One sample: a ``webdataset`` dict with ``jpg`` and ``json``."""
+    rng = random.Random(f"cells:{seed}:{index}")
+    scene = make_cell_scene(rng, image_size)
     target = rng.choice(scene)
     row, col = centre_cell(target, image_size)
     img = draw_scene(scene, rng, image_size, style=rng.choice(("dark", "grey")))
@@ -68,8 +65,8 @@ def cell_sample(index: int, seed: int = 0, image_size: int = 64, shapes: Optiona
 
 
 def write_cell_shards(out_dir: Union[str, Path], num: int, shard_size: int = 1000, seed: int = 0,
-                      start_index: int = 0, image_size: int = 64, shapes: Optional[int] = None) -> list[str]:
+                      start_index: int = 0, image_size: int = 64) -> list[str]:
     """``num`` samples as ``OUT/cells-000000.tar``, ...; held-out splits use another
-    ``start_index`` (the same seed, disjoint indices). ``shapes``: see :func:`cell_sample`."""
-    return write_indexed_shards(out_dir, "cells", lambda i: cell_sample(i, seed, image_size, shapes), num,
-                                shard_size, start_index)
+    ``start_index`` (the same seed, disjoint indices)."""
+    return write_indexed_shards(out_dir, "cells", lambda i: cell_sample(i, seed, image_size), num, shard_size,
+                                start_index)

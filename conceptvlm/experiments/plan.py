@@ -88,7 +88,7 @@ def full_size(name: str, runs_root: Path = Path("runs/experiments")) -> tuple[in
     steps seed 0 of the timed variant really takes (one pass counted in packed rows)."""
     exp = load_experiment(name)
     if exp.get("kind", "text") != "text":
-        return int(exp["steps"]) + int(exp.get("warmup", {}).get("steps", 0)), int(exp["synthetic"]["cells"][1])
+        return int(exp["steps"]), int(exp["synthetic"]["cells"][1])
     from . import run2
     from .runner import run_config
 

@@ -129,20 +129,7 @@ def cells_table(by: dict[str, dict[int, dict]]) -> list[str]:
                      f"{_col(rs, cell('col_error'), 2)} | {_col(rs, ratio('text'), 2)} | {_col(rs, ratio('image'), 2)} | "
                      f"{sum(bool(r.get('matched')) for r in rs)}/{len(rs)} | "
                      f"{_col(rs, lambda r: r['train'].get('final_loss'), 3)} | {_col(rs, train_seconds, 0)} |")
-    return lines + ["", prior_line()] + warmup_lines([r for seeds in by.values() for r in seeds.values()])
-
-
-def warmup_lines(rows: list[dict]) -> list[str]:
-    """What the runs trained on before the task (their curriculum), if anything."""
-    seen = {json.dumps(r.get("warmup"), sort_keys=True) for r in rows}
-    if seen == {"null"}:
-        return []
-    if len(seen) > 1:
-        return ["", "Warm-up stages differ between these rows: " + ", ".join(sorted(seen)) + "."]
-    w = rows[0]["warmup"]
-    return ["", f"Curriculum: each run first trained {w['steps']:,} steps on {w['samples']:,} scenes of exactly "
-                f"{w['shapes']} shape(s), then the task from those weights (fresh optimizer; train s and the final "
-                "train loss are the task stage's, with the warm-up's seconds included in train s)."]
+    return lines + ["", prior_line()]
 
 
 def prior_line() -> str:

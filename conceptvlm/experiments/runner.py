@@ -173,11 +173,8 @@ def run_key(cfg, exp: dict, runs_root: Optional[Path] = None) -> str:
     the evaluation settings. A run folder or result row with another key is not reused.
     Paths count relative to the runs folder and the checkout, so the same run made in
     another clone or folder keeps its key (and its rows are not rerun)."""
-    what = {"config": cfg.to_dict(), "code": exp.get("_code_rev", ""),
-            "eval": [exp.get("eval_limit"), exp.get("eval_window")]}
-    if exp.get("warmup"):  # a stage before the config's own training
-        what["warmup"] = exp["warmup"]
-    blob = json.dumps(what, sort_keys=True, default=str)
+    blob = json.dumps({"config": cfg.to_dict(), "code": exp.get("_code_rev", ""),
+                       "eval": [exp.get("eval_limit"), exp.get("eval_window")]}, sort_keys=True, default=str)
     runs = [] if runs_root is None else [(Path(runs_root).resolve(), "$RUNS"), (Path(runs_root), "$RUNS")]
     for root, name in runs + [(REPO, "$REPO")]:
         if str(root) not in (".", os.sep):
@@ -240,10 +237,6 @@ def run_config(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path,
         "train.progress=false"]
     if v2:  # same data order for every variant of a seed; one pass; the corpus' tokenizer
         common += run2.data_overrides(data, seed)
-    if exp.get("warmup"):  # the task starts from the warm-up stage's model (vlm_runs.run_warmup)
-        from .vlm_runs import warmup_export
-
-        common.append(f"train.init_from={warmup_export(run_dir)}")
     probe = load_train_config(None, overrides=common, data=base)
     steps = (run2.packed_steps(exp, probe, runs_root / "_data") if v2 and exp.get("kind", "text") == "text" else
              run2.planned_steps(exp, data, probe.data.seq_len, probe.data.batch_size, probe.optim.grad_accum))
@@ -291,10 +284,6 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
         state["pieces"] += 1
         t_piece = state["piece_started"] = time.time()
         _write_run_state(run_dir, state)
-        if exp.get("warmup"):
-            from .vlm_runs import run_warmup
-
-            run_warmup(exp, cfg, data, run_dir)
         train(cfg)  # resumes from run_dir/checkpoints when an earlier piece left one
         state.update(trained=True, train_wall_s=state["train_wall_s"] + time.time() - t_piece)
         state.pop("piece_started")

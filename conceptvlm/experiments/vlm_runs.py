@@ -1,37 +1,25 @@
-"""Vision experiment runs (``kind: vlm``): their data, their warm-up stage and their
-held-out scoring.
+"""Vision experiment runs (``kind: vlm``): their data and their held-out scoring.
 
 Kept apart from :mod:`.runner` so that a text run never imports it: an edit here (the
 grounding protocol, say) leaves the text tables' code revision, and their tens of CPU
 hours of runs, standing (:data:`.revision.TEXT_RUNS_SKIP`; a test checks the import).
-
-**Warm-up** (``warmup: {shapes: 1, samples: N, steps: S}`` in the YAML): before its main
-training, each run trains S steps on N grounding scenes of exactly ``shapes`` shapes and
-starts the task from those weights (``train.init_from``; a fresh optimizer and schedule).
-One-shape scenes teach where a shape sits without the colour matching that kept the
-unmerged (R=1) model at the answer prior; every variant gets the same warm-up.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .protocol import ratio_matched
 
-WARMUP_DIR = "warmup"  # inside a run folder: the warm-up stage's own run (checkpoints, export)
-
-
-def _synthetic_dir(root: Path, split: str, kind: str, n: int, start: int, shapes: Optional[int] = None) -> list[str]:
+def _synthetic_dir(root: Path, split: str, kind: str, n: int, start: int) -> list[str]:
     """The shards of ``n`` synthetic samples of ``kind`` (written once, then reused)."""
     from conceptvlm.data.grounding_cells import write_cell_shards
     from conceptvlm.data.synthetic import write_synthetic_shards
 
-    name = f"{kind}{shapes or ''}-{n}"  # experiments with other sizes don't share
-    d = root / "synthetic" / split / name
+    d = root / "synthetic" / split / f"{kind}-{n}"  # experiments with other sizes don't share
     if not d.exists():
         if kind == "cells":  # the grounding-cell task (VQA samples)
-            write_cell_shards(d, num=n, shard_size=500, seed=0, start_index=start, shapes=shapes)
+            write_cell_shards(d, num=n, shard_size=500, seed=0, start_index=start)
         else:
             write_synthetic_shards(kind, d, num=n, shard_size=500, seed=0, start_index=start)
     return sorted(str(p) for p in d.glob("*.tar"))
@@ -42,58 +30,15 @@ def _kind(name: str) -> str:
 
 
 def prepare_vlm_data(exp: dict, root: Path) -> dict:
-    """``{"train_sources", "held", "train_eval", "info"}`` of a vision experiment, plus
-    ``"warmup_sources"`` when it has a warm-up stage."""
+    """``{"train_sources", "held", "train_eval", "info"}`` of a vision experiment."""
     specs: dict[str, dict[str, list[str]]] = {"train": {}, "held": {}}
     for kind, (n_train, n_held) in exp["synthetic"].items():
         for split, n, start in (("train", n_train, 0), ("held", n_held, 10**6)):
             specs[split][kind] = _synthetic_dir(root, split, kind, n, start)
     weights = exp.get("weights", {})
-    data: dict[str, Any] = {
-        "train_sources": [{"shards": s, "kind": _kind(k), "weight": float(weights.get(k, 1.0))}
-                          for k, s in specs["train"].items()],
-        "held": specs["held"], "train_eval": {}, "info": {"synthetic": exp["synthetic"]}}
-    if exp.get("warmup"):
-        w = _warmup_spec(exp)
-        shards = _synthetic_dir(root, "train", "cells", w["samples"], 2 * 10**6, shapes=w["shapes"])
-        data["warmup_sources"] = [{"shards": shards, "kind": "vqa", "weight": 1.0}]
-        data["info"]["warmup"] = w
-    return data
-
-
-def _warmup_spec(exp: dict) -> dict:
-    w = dict(exp["warmup"])
-    unknown = set(w) - {"shapes", "samples", "steps"}
-    if unknown or not all(isinstance(w.get(k), int) and w[k] > 0 for k in ("shapes", "samples", "steps")):
-        raise ValueError(f"experiment {exp['name']}: warmup must be {{shapes, samples, steps}}, positive integers; "
-                         f"got {exp['warmup']}")
-    return w
-
-
-def warmup_export(run_dir: Path) -> Path:
-    """Where the warm-up stage of the run in ``run_dir`` leaves its model."""
-    return run_dir / WARMUP_DIR / "export"
-
-
-def run_warmup(exp: dict, cfg, data: dict, run_dir: Path) -> None:
-    """Train the warm-up stage of one run (resumes like any run; does nothing once its
-    model is exported). Its config is the run's own but for the data, the steps and the
-    folder: the same model, optimizer settings and seed."""
-    from conceptvlm.train import train
-    from conceptvlm.train_config import SourceConfig
-
-    if warmup_export(run_dir).joinpath("model.safetensors").is_file():
-        return
-    w = _warmup_spec(exp)
-    stage = copy.deepcopy(cfg)
-    stage.train.init_from = None
-    stage.train.steps = w["steps"]
-    stage.train.out_dir = str(run_dir / WARMUP_DIR)
-    stage.train.export_at_end = True
-    stage.data.sources = [SourceConfig(**s) for s in data["warmup_sources"]]
-    print(f"[experiment {exp['name']}] warm-up: {w['steps']} steps on {w['samples']} scenes of {w['shapes']} "
-          f"shape(s)", flush=True)
-    train(stage)
+    return {"train_sources": [{"shards": s, "kind": _kind(k), "weight": float(weights.get(k, 1.0))}
+                              for k, s in specs["train"].items()],
+            "held": specs["held"], "train_eval": {}, "info": {"synthetic": exp["synthetic"]}}
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -166,8 +111,6 @@ def score_vlm_run(row: dict, model, tok, exp: dict, variant: dict, cfg, data: di
     limit = exp.get("eval_limit")
     row["held"] = _evaluate_suites(model, tok, data["held"], limit, run_dir)
     row["held"]["ratio"] = realised_ratios_vlm(model, tok, data["held"])
-    if "warmup" in data.get("info", {}):
-        row["warmup"] = data["info"]["warmup"]
     if "cells" in data["held"]:
         from .grounding import evaluate_cells
 

@@ -3,7 +3,6 @@ check, seed pairing, the ±5% ratio rule, paired verdicts, the grounding-cell sc
 import json
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -562,57 +561,6 @@ def test_grounding_prior_uses_the_samples_own_cells():
     assert answer_cells(20) == [(m["row"], m["col"]) for m in metas]
     prior = answer_prior_nats(7, n=3000)
     assert 0.45 < prior < np.log(64) / 7  # below uniform: centres keep off the edges
-
-
-def test_warmup_scenes_have_the_asked_shape_count_and_leave_the_task_draws_alone():
-    from conceptvlm.data.grounding_cells import cell_sample, make_cell_scene
-
-    one = [json.loads(cell_sample(i, shapes=1)["json"]) for i in range(30)]
-    assert all(len(m["scene"]) == 1 for m in one)
-    task = [json.loads(cell_sample(i)["json"]) for i in range(30)]
-    assert {len(m["scene"]) for m in task} == {1, 2, 3}
-    assert [m["scene"] for m in one] != [m["scene"] for m in task]  # another stream, not a prefix of it
-    rng = random.Random("cells:0:7")  # the task's own draw, unchanged by the shapes option
-    assert [[s.shape, s.colour, list(s.box)] for s in make_cell_scene(rng)] == task[7]["scene"]
-
-
-def test_report_says_what_the_grounding_runs_trained_on_before_the_task():
-    from conceptvlm.experiments.report_v2 import warmup_lines
-
-    w = {"shapes": 1, "samples": 32000, "steps": 1000}
-    assert warmup_lines([{"seed": 0}, {"seed": 1}]) == []
-    (line,) = [x for x in warmup_lines([{"warmup": w}, {"warmup": w}]) if x]
-    assert "1,000 steps on 32,000 scenes of exactly 1 shape(s)" in line
-    assert "differ" in warmup_lines([{"warmup": w}, {}])[-1]
-
-
-def test_grounding_warmup_stage_trains_first_and_the_task_starts_from_it(tmp_path, monkeypatch):
-    """``warmup:`` trains a stage on one-shape scenes in RUN/warmup, the task run starts
-    from its export, a rerun of the piece does not train it again, and the warm-up counts
-    in the run key."""
-    from omegaconf import OmegaConf
-
-    from conceptvlm.experiments import runner, vlm_runs
-
-    kw = dict(quick=True, runs_root=tmp_path / "runs", results_dir=tmp_path / "rows", seeds=[0])
-    row = runner.run_experiment("grounding_cells", variants=["r1-raster-1d"], **kw)[0]
-    run = tmp_path / "runs" / "grounding_cells" / "quick" / "r1-raster-1d-s0"
-    warm = OmegaConf.load(run / "warmup" / "config.yaml")
-    assert warm.train.steps == 2 and warm.train.init_from is None
-    assert [Path(p).parent.name for p in warm.data.sources[0].shards] == ["cells1-16"]
-    assert sum(1 for _ in open(run / "warmup" / "metrics.jsonl")) == 2
-    assert OmegaConf.load(run / "config.yaml").train.init_from == str(run / "warmup" / "export")
-    assert row["warmup"] == {"shapes": 1, "samples": 16, "steps": 2} and row["steps"] == 3
-
-    calls = []
-    monkeypatch.setattr("conceptvlm.train.train", lambda cfg: calls.append(cfg.train.out_dir))
-    exp = runner.load_experiment("grounding_cells", quick=True)
-    data = runner.prepare_data(exp, tmp_path / "runs" / "_data")
-    vlm_runs.run_warmup(exp, None, data, run)  # exported already: nothing to train
-    assert calls == []
-    cfg = runner.run_config(exp, exp["variants"][0], 0, data, tmp_path / "runs", True)[0]
-    other = {**exp, "warmup": {"shapes": 1, "samples": 16, "steps": 3}}
-    assert runner.run_key(cfg, exp) != runner.run_key(cfg, other)
 
 
 def test_a_timing_measured_on_an_older_form_of_the_yaml_is_flagged_stale(tmp_path):
