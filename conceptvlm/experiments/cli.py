@@ -50,6 +50,13 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tower_spread(args: argparse.Namespace) -> int:
+    from .tower_spread import run
+
+    rows = run(args.exports, args.data, args.limit, args.out)
+    return 1 if any(r["collapsed"] for r in rows) else 0
+
+
 def register(sub: "argparse._SubParsersAction") -> None:
     from .runner import RESULTS_DIR
 
@@ -85,6 +92,13 @@ def register(sub: "argparse._SubParsersAction") -> None:
     rep.add_argument("--results", default=str(RESULTS_DIR))
     rep.add_argument("--out", default=None, help="markdown path (default: RESULTS/../results.md)")
     rep.set_defaults(func=_report)
+    ts = kinds.add_parser("tower-spread", help="has a model's vision tower collapsed? how far apart its patch vectors "
+                                              "are (exit 1 when one has)")
+    ts.add_argument("exports", nargs="+", help="exported model folders")
+    ts.add_argument("--data", required=True, help="image shards to measure on (e.g. the held-out split)")
+    ts.add_argument("--limit", type=int, default=32, help="images")
+    ts.add_argument("--out", default=None, help="write the measurements as JSON")
+    ts.set_defaults(func=_tower_spread)
 
 
 def main(argv=None) -> int:
