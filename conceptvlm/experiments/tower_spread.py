@@ -52,25 +52,21 @@ def tower_spread(model, images_NCHW) -> dict:
 
 
 def images_from_shards(shards: str, processor, limit: int = 32):
-    """The first ``limit`` images of an image-text shard spec, through ``processor``."""
+    """``(images, skipped)``: the images of the first ``limit`` samples of an image-text
+    shard spec, decoded as training decodes them and through ``processor``; a sample
+    without a readable image is skipped and counted (as the evaluators do)."""
     import torch
 
     from conceptvlm.data.counters import DataCounters
-    from conceptvlm.data.decode import decode_image
-    from conceptvlm.data.shards import expand_shards
-    from conceptvlm.data.tario import iter_shard
+    from conceptvlm.data.samples import ImageOptions, image_member
+    from conceptvlm.eval.datasets import _parsed
 
-    pixels = []
-    for url in expand_shards(shards):
-        for raw in iter_shard(url, DataCounters()):
-            key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in raw), None)
-            if key is not None:
-                pixels.append(processor(decode_image(raw[key], raw["__key__"])))
-            if len(pixels) >= limit:
-                return torch.stack(pixels)
+    opts, counters = ImageOptions.for_transform(processor), DataCounters()
+    pixels = [processor(img) for _, img in _parsed(shards, limit, counters, lambda raw: image_member(raw, opts)[0])]
     if len(pixels) < 2:
-        raise ValueError(f"{shards}: fewer than 2 images")
-    return torch.stack(pixels)
+        raise ValueError(f"{shards}: fewer than 2 readable images in the first {limit} samples "
+                         f"({counters.skipped} skipped)")
+    return torch.stack(pixels), counters.skipped
 
 
 def report_line(name: str, s: dict) -> str:
@@ -78,7 +74,8 @@ def report_line(name: str, s: dict) -> str:
     verdict = "COLLAPSED" if s["collapsed"] else "ok"
     return (f"{name}: tower spread {t['spread']:.3f} (std {t['within_std']:.3g}, norm {t['norm']:.3g}, position "
             f"{t['position']:.3g}); after projector {p['spread']:.3f} (std {p['within_std']:.3g}, norm "
-            f"{p['norm']:.3g}, position {p['position']:.3g}): {verdict}")
+            f"{p['norm']:.3g}, position {p['position']:.3g}) over {s['images']} images"
+            + (f" ({s['skipped']} unreadable skipped)" if s.get("skipped") else "") + f": {verdict}")
 
 
 def run(exports: list[str], data: str, limit: int = 32, out: Optional[str] = None) -> list[dict]:
@@ -93,7 +90,9 @@ def run(exports: list[str], data: str, limit: int = 32, out: Optional[str] = Non
         model, _ = load_exported(path)
         if getattr(model, "image_processor", None) is None:
             raise ValueError(f"{path}: a text-only model has no tower to measure")
-        s = tower_spread(model, images_from_shards(data, model.image_processor, limit))
+        images, skipped = images_from_shards(data, model.image_processor, limit)
+        s = tower_spread(model, images)
+        s["skipped"] = skipped
         print(report_line(path, s), flush=True)
         rows.append({"export": path, **s})
     if out:

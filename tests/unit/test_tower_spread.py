@@ -1,5 +1,6 @@
 """``conceptvlm experiment tower-spread``: a collapsed tower (one vector for every patch) is
 told apart from a working one, on exported models, with a clear exit code."""
+import io
 import json
 
 import pytest
@@ -50,8 +51,10 @@ def test_a_collapsed_tower_is_flagged_and_a_random_one_is_not(exports):
     results = {}
     for name in ("fresh", "collapsed"):
         model, _ = load_exported(exports / name)
-        results[name] = tower_spread(model, images_from_shards(str(exports / "cells" / "cells-000000.tar"),
-                                                                 model.image_processor, limit=6))
+        images, skipped = images_from_shards(str(exports / "cells" / "cells-000000.tar"), model.image_processor,
+                                             limit=6)
+        assert skipped == 0
+        results[name] = tower_spread(model, images)
     assert results["fresh"]["images"] == 6 and not results["fresh"]["collapsed"]
     assert results["fresh"]["tower"]["spread"] > 2 * COLLAPSED_BELOW
     assert results["collapsed"]["collapsed"] and results["collapsed"]["tower"]["spread"] < 1e-3
@@ -66,6 +69,21 @@ def test_cli_exit_code_says_whether_any_model_collapsed(exports, tmp_path, capsy
                  "--data", data]) == 1
     assert "COLLAPSED" in capsys.readouterr().out
     assert [r["collapsed"] for r in json.loads(out.read_text())] == [False]
+
+
+def test_an_unreadable_image_is_skipped_and_counted(exports, tmp_path, capsys):
+    import tarfile
+
+    src, dst = exports / "cells" / "cells-000000.tar", tmp_path / "broken.tar"
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for i, member in enumerate(tin.getmembers()):
+            data = tin.extractfile(member).read()
+            if i == 0 and member.name.endswith(".jpg"):
+                data = b"not a jpeg"
+                member.size = len(data)
+            tout.addfile(member, io.BytesIO(data))
+    assert main(["experiment", "tower-spread", str(exports / "fresh"), "--data", str(dst)]) == 0
+    assert "over 7 images (1 unreadable skipped): ok" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(exports, capsys):
