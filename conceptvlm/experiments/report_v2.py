@@ -3,8 +3,8 @@
 One table per experiment and form (full / quick), built from the latest row of each
 (variant, seed); a table whose rows come from more than one git revision (or from a
 checkout with uncommitted changes) is flagged and gets no verdicts. Verdicts come from
-the claims the experiment YAML pre-registers (:mod:`.stats`): paired differences over
-the seeds two variants share, rows outside +-5% of their target ratio left out.
+the claims the experiment YAML pre-registers (:mod:`.verdicts`); the plan table is
+:mod:`.plan_table`.
 """
 from __future__ import annotations
 
@@ -13,22 +13,8 @@ from collections import defaultdict
 from typing import Callable, Optional
 
 from . import stats as S
-from .grounding import GATE_WITHIN_ONE
-
-METRICS: dict[str, tuple[str, Callable[[dict], Optional[float]], bool]] = {
-    # name: (label, value of a row, lower is better)
-    "held_bpb": ("held-out bpb (english + code)", lambda r: r["held"].get("all", {}).get("bits_per_byte"), True),
-    "ood_bpb": ("bpb on the held-out source", lambda r: r["held"].get("ood", {}).get("bits_per_byte"), True),
-    "cell_accuracy": ("cell accuracy", lambda r: r["held"].get("cells", {}).get("accuracy"), False),
-}
-
-
-def latest(rows: list[dict]) -> dict[str, dict[int, dict]]:
-    """``{variant: {seed: row}}``, the last row written for each."""
-    out: dict[str, dict[int, dict]] = defaultdict(dict)
-    for r in rows:
-        out[r["variant"]][r["seed"]] = r
-    return out
+from .plan_table import plan_lines, train_seconds
+from .verdicts import METRICS, claim_lines, gate, latest
 
 
 def revision_of(row: dict) -> str:
@@ -144,88 +130,6 @@ def prior_line() -> str:
             "loss there means the run never learned to look.")
 
 
-def _values(by: dict, variant: str, metric: str) -> tuple[dict[int, float], int]:
-    """``{seed: value}`` of the matched rows of ``variant``, and how many were left out."""
-    f = METRICS[metric][1]
-    out, dropped = {}, 0
-    for s, r in by.get(variant, {}).items():
-        if not r.get("matched", True):
-            dropped += 1
-            continue
-        x = f(r)
-        if x is not None:
-            out[s] = float(x)
-    return out, dropped
-
-
-def _link(by: dict, a: str, b: str, metric: str) -> tuple[str, S.Paired, str]:
-    """Verdict of "a better than b" on ``metric``, its paired difference, a note."""
-    label, _, lower = METRICS[metric]
-    va, da = _values(by, a, metric)
-    vb, db = _values(by, b, metric)
-    p = S.paired(va, vb) if lower else S.paired(vb, va)  # always "a - b" in the better direction's sign
-    verdict = S.verdict_less(p)
-    notes = []
-    if da or db:
-        notes.append(f"{da + db} not-matched row(s) left out")
-    n = S.seeds_needed(p.sd, p.mean)
-    if p.n >= 2 and verdict == S.INCONCLUSIVE:
-        notes.append(f"~{n} seeds would resolve a difference this size" if n else
-                     "more than 50 seeds would be needed at this spread")
-    if 0 < p.n < S.MIN_SEEDS_HEADLINE:
-        notes.append(f"{p.n} paired seed(s), fewer than {S.MIN_SEEDS_HEADLINE}")
-    return verdict, p, "; ".join(notes)
-
-
-def _provisional(verdict: str, n_seeds: int) -> str:
-    """A decided verdict on fewer paired seeds than the protocol's minimum is not a verdict yet."""
-    if verdict == S.INCONCLUSIVE or n_seeds >= S.MIN_SEEDS_HEADLINE:
-        return verdict
-    return f"{S.INCONCLUSIVE} (reads '{verdict}' on {n_seeds} paired seed(s); the protocol needs {S.MIN_SEEDS_HEADLINE})"
-
-
-def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
-    out = []
-    for c in exp.get("claims", []):
-        head = f"**Claim: {c['text']}**"
-        if "chain" in c:
-            links = [_link(by, a, b, c["metric"]) for a, b in zip(c["chain"], c["chain"][1:])]
-            verdict = _provisional(S.combine([v for v, _, _ in links]), min(p.n for _, p, _ in links))
-            sign = "−" if METRICS[c["metric"]][2] else "(b − a)"
-            parts = [f"{a} vs {b}: {v}, {sign} paired difference {p.fmt()}" + (f" ({note})" if note else "")
-                     for (a, b), (v, p, note) in zip(zip(c["chain"], c["chain"][1:]), links)]
-            out.append(f"- {head}: **{verdict}**. " + "; ".join(parts) + ".")
-        elif "not_worse" in c:
-            a, b = c["not_worse"]
-            va, da = _values(by, a, c["metric"])
-            vb, db = _values(by, b, c["metric"])
-            p = S.paired(va, vb)
-            if c.get("gated") and gate_ok is not True:
-                out.append(f"- {head}: **not compared (gate not passed)**; {a} − {b} {p.fmt()}.")
-                continue
-            v = _provisional(S.verdict_not_worse(p, float(c.get("margin", 0.0))), p.n)
-            left = f"; {da + db} not-matched row(s) left out" if da or db else ""
-            out.append(f"- {head}: **{v}**. {a} − {b}: {p.fmt()} (margin {c.get('margin', 0)}){left}.")
-        elif "ratios" in c:
-            parts, verdicts = [], []
-            for v in c["ratios"]:
-                rs = list(by.get(v, {}).values())
-                if not rs:
-                    continue
-                for mod, target in (("text", rs[0]["R"]), ("image", rs[0].get("R_image"))):
-                    vals = [r["held"].get("ratio", {}).get(mod) for r in rs]
-                    vals = [x for x in vals if x is not None]
-                    if not vals or not target:
-                        continue
-                    verdict, lo, hi = S.verdict_within(vals, float(target), 0.05)
-                    verdicts.append(verdict)
-                    m = S.mean_sd(vals)[0]
-                    ci = f"[95% CI {100 * lo:+.1f}%, {100 * hi:+.1f}%]" if lo == lo else "(1 seed, no interval)"
-                    parts.append(f"{v} {mod} {m:.2f} vs {target:g}: {100 * (m / target - 1):+.1f}% {ci} → {verdict}")
-            found = "; ".join(parts) if parts else f"no rows yet for {', '.join(c['ratios'])}"
-            out.append(f"- {head}: **{S.combine(verdicts) if verdicts else S.INCONCLUSIVE}**. {found}.")
-    return out
-
 
 def best_lr_lines(by: dict[str, dict[int, dict]]) -> list[str]:
     """For a learning-rate sweep (rows of one router at several lr): the lr with the lowest
@@ -264,22 +168,6 @@ def note_lines(exp: dict) -> list[str]:
     code revisions train identically), printed under its table."""
     return [f"Note: {n}" for n in exp.get("notes", [])] + ([""] if exp.get("notes") else [])
 
-
-def gate(exp: dict, by: dict) -> tuple[Optional[bool], str]:
-    g = exp.get("gate")
-    if not g:
-        return None, ""
-    rs = list(by.get(g["variant"], {}).values())
-    vals = [r["held"].get("cells", {}).get(g["metric"]) for r in rs]
-    vals = [x for x in vals if x is not None]
-    if not vals:
-        return False, f"Gate: no {g['variant']} rows yet: **gate not passed**."
-    m = sum(vals) / len(vals)
-    need = float(g.get("at_least", GATE_WITHIN_ONE))
-    ok = m >= need
-    return ok, (f"Gate: {g['variant']} reaches {100 * m:.1f}% within one cell (needs ≥ {100 * need:.0f}%): "
-                + ("**gate passed**, merging variants are compared." if ok else "**gate not passed**: merging "
-                   "variants are not compared (train longer or change the task before reading them)."))
 
 
 def overlap_line(row: dict) -> str:
@@ -402,85 +290,6 @@ def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[
         out.append(line.replace(f"**Claim: {claim['text']}**", f"**{text}**", 1))
     return out + [""]
 
-
-def train_seconds(row: dict) -> float:
-    """A row's training time: its wall time over the pieces that ran, or the sum of its
-    logged step times when larger (rows written before the runner counted the time of a
-    piece that was killed lost that piece's wall time; its steps stay in the log)."""
-    return max(float(row.get("train_wall_s", 0.0)), float(row.get("train_step_s_total", 0.0)))
-
-
-def _run_hours(row: dict) -> float:
-    """A row's CPU hours. ``wall_s`` covers only the process that finished the run; a run
-    resumed across processes has its training time over every piece in ``train_wall_s``."""
-    pieces = train_seconds(row) + float(row.get("eval_wall_s", 0.0))
-    return max(float(row.get("wall_s", 0.0)), pieces) / 3600
-
-
-def progress(rows: list[dict]) -> tuple[int, float, Optional[float]]:
-    """(full-form runs done, their CPU hours, their mean seconds per logged training step):
-    the last row of each (variant, seed)."""
-    done = [r for seeds in latest([r for r in rows if not r.get("quick")]).values() for r in seeds.values()]
-    per_step = [r["train_step_s_total"] / r["steps"] for r in done if r.get("train_step_s_total") and r.get("steps")]
-    return len(done), sum(_run_hours(r) for r in done), (S.mean_sd(per_step)[0] if per_step else None)
-
-
-def plan_lines(results_dir, rows: Optional[dict[str, list[dict]]] = None) -> list[str]:
-    """The plan table: the measured cost of each stage, what is done, what is left (the
-    runs left at the mean CPU hours of the done runs, else at the measured estimate)."""
-    from .plan import estimate, load_timing
-
-    timing = load_timing(results_dir)
-    out = ["## Plan and cost", "",
-           "Run in this order (each stage's command is in its section); the cost is measured with "
-           "`conceptvlm experiment plan --measure` (seconds per training step after warm-up and evaluation time "
-           "per scored unit of each stage's most expensive variant, on this machine) and multiplied out to the "
-           "full forms. Runs resume from their last checkpoint when a process stops, so the plan runs in pieces; "
-           "*done* counts the full-form runs with rows (at the table's current code revision), *hours spent* their "
-           "CPU time (every piece), *s per step "
-           "in runs* their mean logged step time.", "",
-           "| stage | experiment | runs | steps per run | s per step timed | load when timed | s per step in runs "
-           "| evaluation per run | CPU hours timed | done | hours spent | hours left |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    total, left_total, spent_total, missing, stale = 0.0, 0.0, 0.0, [], []
-    import os
-
-    cores = os.cpu_count()
-    for e in estimate(timing):
-        n_done, spent, step_runs = progress((rows or {}).get(e["experiment"], []))
-        spent_total += spent
-        in_runs = f"{step_runs:.2f}" if step_runs is not None else "–"
-        if not e["measured"]:
-            missing.append(e["experiment"])
-            out.append(f"| {e['stage']} | {e['experiment']} | – | – | not measured | – | {in_runs} | – | – | {n_done} | "
-                       f"{spent:.1f} | – |")
-            continue
-        total += e["hours"]
-        per_run = spent / n_done if n_done else e["hours_per_run"]
-        left = max(e["runs"] - n_done, 0) * per_run
-        left_total += left
-        load = timing[e["experiment"]].get("load_avg_1min")
-        if e["stale"]:
-            stale.append(e["experiment"])
-        out.append(f"| {e['stage']} | {e['experiment']} | {e['runs']} | {e['steps']:,} | {e['step_s']:.2f}"
-                   + (" (stale)" if e["stale"] else "") + " | "
-                   + (f"{load:.1f} on {cores} cores" if load is not None else "–")
-                   + f" | {in_runs} | {e['eval_units']:,} {e['eval_unit']}s | {e['hours']:.1f} | {n_done} | "
-                   f"{spent:.1f} | {left:.1f} |")
-    t0 = next(iter(timing.values()), {})
-    if not timing:
-        return out + ["", "Not measured yet: `conceptvlm experiment plan --measure`.", ""]
-    out += ["", f"Total: **{spent_total + left_total:.0f} CPU hours**: spent so far {spent_total:.1f}, left about "
-            f"{left_total:.0f} (a stage's runs left at the mean of its done runs, else at its timed estimate; one "
-            "process per run, 1 torch thread" + (f"; measured on {t0.get('machine')}" if t0 else "")
-            + (f"; not measured: {', '.join(missing)}" if missing else "") + f"). The timed estimate of the whole "
-            f"plan was {total:.0f} CPU hours; steps timed while other jobs shared the machine (the load column) are "
-            "slower than on idle cores with one process per core.", ""]
-    if stale:
-        out += [f"*(stale)*: timed on an older form of the experiment's YAML (other steps, batch or variants), so its "
-                f"timed estimate no longer prices the plan: `conceptvlm experiment plan --measure --only "
-                f"{','.join(stale)}`.", ""]
-    return out
 
 
 def second_protocol_lines(names: list[str], results_dir, experiments_dir) -> tuple[list[str], list[str]]:

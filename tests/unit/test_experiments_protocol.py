@@ -120,7 +120,7 @@ def _row(variant, seed, bpb, router="cosine", matched=True, git="abc1234", order
 
 
 def test_training_time_of_a_row_counts_steps_a_killed_piece_left_out():
-    from conceptvlm.experiments.report_v2 import train_seconds
+    from conceptvlm.experiments.plan_table import train_seconds
 
     assert train_seconds({"train_wall_s": 2084.0, "train_step_s_total": 2070.0}) == 2084.0  # one piece: wall time
     assert train_seconds({"train_wall_s": 1109.0, "train_step_s_total": 2482.0}) == 2482.0  # a killed piece's steps
@@ -128,14 +128,15 @@ def test_training_time_of_a_row_counts_steps_a_killed_piece_left_out():
 
 
 def test_ratio_claim_without_rows_says_so():
-    from conceptvlm.experiments.report_v2 import claim_lines
+    from conceptvlm.experiments.verdicts import claim_lines
 
     claim = {"claims": [{"id": "r", "text": "ratios reached", "ratios": ["r4-a", "r4-b"]}]}
     assert claim_lines(claim, {}, None)[0].endswith("**inconclusive**. no rows yet for r4-a, r4-b.")
 
 
 def test_claims_leave_out_unmatched_rows_and_mixed_revisions_withhold_verdicts():
-    from conceptvlm.experiments.report_v2 import claim_lines, latest, pairing_problem, revision_problem
+    from conceptvlm.experiments.report_v2 import pairing_problem, revision_problem
+    from conceptvlm.experiments.verdicts import claim_lines, latest
 
     claim = {"claims": [{"id": "c", "text": "dyn < none", "chain": ["dyn", "none"], "metric": "held_bpb"}]}
     rows = [_row("none", s, 3.0 + 0.01 * s, router="none") for s in range(5)]
@@ -159,8 +160,8 @@ def test_claims_leave_out_unmatched_rows_and_mixed_revisions_withhold_verdicts()
 
 
 def test_a_claims_table_is_read_at_its_newest_revision_and_a_sweep_keeps_its_mix():
-    from conceptvlm.experiments.report_v2 import (claim_lines, latest, revision_problem, split_by_revision,
-                                                   superseded_lines)
+    from conceptvlm.experiments.report_v2 import revision_problem, split_by_revision, superseded_lines
+    from conceptvlm.experiments.verdicts import claim_lines, latest
 
     claim = {"claims": [{"id": "c", "text": "dyn < none", "chain": ["dyn", "none"], "metric": "held_bpb"}]}
     old = [dict(_row(v, 0, 3.0, git="aaa1111"), time="2026-12-01 10:00:00") for v in ("dyn", "none")]
@@ -181,7 +182,8 @@ def test_a_claims_table_is_read_at_its_newest_revision_and_a_sweep_keeps_its_mix
 
 
 def test_lr_sweep_names_the_best_lr_per_router():
-    from conceptvlm.experiments.report_v2 import best_lr_lines, latest
+    from conceptvlm.experiments.report_v2 import best_lr_lines
+    from conceptvlm.experiments.verdicts import latest
 
     rows = []
     for lr, none_bpb, cos_bpb in ((1e-3, 3.2, 3.3), (2e-3, 3.1, 3.25), (4e-3, 3.15, 3.2)):
@@ -359,7 +361,7 @@ def test_plan_table_counts_done_runs_and_prices_the_rest_at_their_mean_wall_time
     import json
 
     from conceptvlm.experiments.plan import PLAN, TIMING_FILE
-    from conceptvlm.experiments.report_v2 import plan_lines
+    from conceptvlm.experiments.plan_table import plan_lines
 
     name = PLAN[1][1]
     (tmp_path / TIMING_FILE).write_text(json.dumps({name: {
@@ -569,7 +571,7 @@ def test_a_timing_measured_on_an_older_form_of_the_yaml_is_flagged_stale(tmp_pat
     import json
 
     from conceptvlm.experiments.plan import PLAN, TIMING_FILE, estimate, setup_digest
-    from conceptvlm.experiments.report_v2 import plan_lines
+    from conceptvlm.experiments.plan_table import plan_lines
     from conceptvlm.experiments.runner import load_experiment
 
     name = PLAN[3][1]
