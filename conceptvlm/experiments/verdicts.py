@@ -50,16 +50,22 @@ def _link(by: dict, a: str, b: str, metric: str) -> tuple[str, S.Paired, str]:
     vb, db = _values(by, b, metric)
     p = S.paired(va, vb) if lower else S.paired(vb, va)  # always "a - b" in the better direction's sign
     verdict = S.verdict_less(p)
-    notes = []
-    if da or db:
-        notes.append(f"{da + db} not-matched row(s) left out")
-    n = S.seeds_needed(p.sd, p.mean)
-    if p.n >= 2 and verdict == S.INCONCLUSIVE:
-        notes.append(f"~{n} seeds would resolve a difference this size" if n else
-                     "more than 50 seeds would be needed at this spread")
+    notes = [f"{da + db} not-matched row(s) left out"] if da or db else []
+    notes += _sizing(p, verdict, p.mean)
     if 0 < p.n < S.MIN_SEEDS_HEADLINE:
         notes.append(f"{p.n} paired seed(s), fewer than {S.MIN_SEEDS_HEADLINE}")
     return verdict, p, "; ".join(notes)
+
+
+def _sizing(p: S.Paired, verdict: str, distance: float) -> list[str]:
+    """How many paired seeds an inconclusive claim needs at its measured spread: enough that
+    the interval's half-width falls below ``distance``, how far the mean difference sits
+    from the bound that decides the claim (issue 16: size seeds from the paired variance)."""
+    if p.n < 2 or verdict != S.INCONCLUSIVE:
+        return []
+    n = S.seeds_needed(p.sd, distance)
+    return [f"~{n} seeds would resolve a difference this size" if n else
+            "more than 50 seeds would be needed at this spread"]
 
 
 def _provisional(verdict: str, n_seeds: int) -> str:
@@ -88,9 +94,14 @@ def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
             if c.get("gated") and gate_ok is not True:
                 out.append(f"- {head}: **not compared (gate not passed)**; {a} − {b} {p.fmt()}.")
                 continue
-            v = _provisional(S.verdict_not_worse(p, float(c.get("margin", 0.0))), p.n)
-            left = f"; {da + db} not-matched row(s) left out" if da or db else ""
-            out.append(f"- {head}: **{v}**. {a} − {b}: {p.fmt()} (margin {c.get('margin', 0)}){left}.")
+            margin = float(c.get("margin", 0.0))
+            verdict = S.verdict_not_worse(p, margin)
+            # it holds once the interval clears -margin, fails once it is all below 0:
+            # the farther of the two bounds from the mean is the distance that resolves it
+            notes = [f"{da + db} not-matched row(s) left out"] if da or db else []
+            notes += _sizing(p, verdict, max(p.mean + margin, -p.mean))
+            out.append(f"- {head}: **{_provisional(verdict, p.n)}**. {a} − {b}: {p.fmt()} (margin {margin:g})"
+                       + "".join(f"; {x}" for x in notes) + ".")
         elif "ratios" in c:
             parts, verdicts = [], []
             for v in c["ratios"]:

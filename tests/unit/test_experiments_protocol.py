@@ -134,6 +134,25 @@ def test_ratio_claim_without_rows_says_so():
     assert claim_lines(claim, {}, None)[0].endswith("**inconclusive**. no rows yet for r4-a, r4-b.")
 
 
+def test_an_inconclusive_not_worse_claim_says_how_many_seeds_would_resolve_it():
+    from conceptvlm.experiments.verdicts import claim_lines, latest
+
+    claim = {"claims": [{"id": "c", "text": "2d >= 1d", "not_worse": ["2d", "1d"], "metric": "cell_accuracy",
+                         "margin": 0.01, "gated": True}]}
+
+    def rows(acc_2d, acc_1d):
+        return [{"variant": v, "seed": s, "matched": True, "held": {"cells": {"accuracy": x}}}
+                for v, accs in (("2d", acc_2d), ("1d", acc_1d)) for s, x in enumerate(accs)]
+
+    # differences 0.10, 0.25, -0.05: mean 0.10, sd 0.15; the interval must clear -0.01, so the
+    # half-width t(n-1) 0.15 / sqrt(n) must fall below 0.11: n = 9 gives 0.115, n = 10 gives 0.107
+    line = claim_lines(claim, latest(rows([0.9, 0.95, 0.85], [0.8, 0.7, 0.9])), True)[0]
+    assert "**inconclusive**" in line and line.endswith("(margin 0.01); ~10 seeds would resolve a difference this size.")
+    # one seed: no spread, no sizing; a gate that did not pass compares nothing
+    assert "seeds would" not in claim_lines(claim, latest(rows([0.9], [0.8])), True)[0]
+    assert "not compared (gate not passed)" in claim_lines(claim, latest(rows([0.9], [0.8])), False)[0]
+
+
 def test_claims_leave_out_unmatched_rows_and_mixed_revisions_withhold_verdicts():
     from conceptvlm.experiments.report_v2 import pairing_problem, revision_problem
     from conceptvlm.experiments.verdicts import claim_lines, latest
