@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .manifest import fsync_path, verify_manifest, write_manifest
+from .manifest import fsync_path, verify_manifest, write_atomic, write_manifest
 from .safe_load import CheckpointError, safe_deepspeed_loading
 
 LATEST = "latest"
@@ -119,16 +119,6 @@ def set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Non
 
 
 # ----------------------------------------------------------------------------- saving
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 def weights_finite(module: torch.nn.Module) -> bool:
     """Collective: True when every rank's parameters (its ZeRO-3 partition) are finite."""
     flags, device = [], torch.device("cpu")
@@ -210,7 +200,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, trainer_state: dict
         write_manifest(tmp)
         os.replace(tmp, final)  # `final` is a new name: nothing existing is touched
         fsync_path(ckpt_dir)
-        _write_atomic(ckpt_dir / LATEST, name)
+        write_atomic(ckpt_dir / LATEST, name)
         _prune(ckpt_dir, name, keep_last)
     _barrier()
     return final

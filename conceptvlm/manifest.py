@@ -61,6 +61,18 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsync and rename: a process
+    killed mid-write leaves the old file whole, never half of the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def write_manifest(folder: str | Path) -> Path:
     """Hash every file of ``folder`` and write ``manifest.json`` (fsynced, after the files)."""
     folder = Path(folder)
@@ -104,7 +116,7 @@ def verify_manifest(folder: str | Path, only: Optional[Sequence[str]] = None) ->
         listed = {n: listed[n] for n in only}
         # plain names only, so none can point outside the folder ("../x"); a symlinked
         # entry is followed (hub caches)
-        entries = {n: folder / n for n in listed if Path(n).name == n != ".." and os.path.lexists(folder / n)}
+        entries = {n: folder / n for n in listed if Path(n).name == n and n != ".." and os.path.lexists(folder / n)}
         files = {n: entries[n] for n in listed if n in entries and entries[n].is_file()}
         odd = [n for n in listed if n in entries and n not in files]
     else:

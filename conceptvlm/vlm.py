@@ -19,7 +19,7 @@ breaks spatial structure):
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn

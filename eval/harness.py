@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from lm_eval.api.model import LM
@@ -17,6 +17,9 @@ from lm_eval.api.registry import register_model
 
 from .generate import GenerateFn, batches, greedy_generate
 from .text import loglikelihood, rolling_loglikelihood
+
+if TYPE_CHECKING:
+    from conceptvlm.errors import UserError
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "conceptvlm"

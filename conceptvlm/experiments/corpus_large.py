@@ -28,7 +28,7 @@ import ast
 import hashlib
 import json
 import sysconfig
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 

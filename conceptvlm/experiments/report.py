@@ -259,7 +259,7 @@ def _is_rows(path: Path) -> bool:
 def render_report(results_dir: str | Path = RESULTS_DIR, out: Optional[str | Path] = None,
                   experiments_dir: str | Path = EXPERIMENTS_DIR) -> str:
     """Write the markdown page (default ``RESULTS/../results.md``) and plots; returns its path."""
-    from .report_v2 import second_protocol_lines
+    from .report_v2 import load_rows, second_protocol_lines
 
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -278,8 +278,7 @@ def render_report(results_dir: str | Path = RESULTS_DIR, out: Optional[str | Pat
     first_at = len(lines)
     not_run = []
     for name in names:
-        path = results_dir / f"{name}.json"
-        rows = json.loads(path.read_text()) if path.exists() else []
+        rows = load_rows(results_dir / f"{name}.json")
         if not rows:
             not_run.append(name)
             continue

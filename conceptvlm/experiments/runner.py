@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ..manifest import write_atomic
 from . import run2
 from .revision import REPO, code_rev, git_rev
 
@@ -204,9 +205,7 @@ def _read_run_state(run_dir: Path) -> dict:
 
 def _write_run_state(run_dir: Path, state: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RUN_STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, run_dir / RUN_STATE)
+    write_atomic(run_dir / RUN_STATE, json.dumps(state, indent=1))
 
 
 def _step_seconds(metrics_path: Path) -> float:
@@ -373,20 +372,37 @@ def rescore_held_ratios(name: str, runs_root: str | Path = "runs/experiments",
 
 @contextlib.contextmanager
 def _locked_rows(path: Path) -> Iterator[list]:
-    """The JSON list of rows at ``path`` (created if missing), written back on exit, under
-    an exclusive lock: runs may share a file."""
+    """The rows at ``path`` (``[]`` if missing), written back on exit, under an exclusive
+    lock on a file beside it (runs may share a results file). The write is atomic
+    (:func:`~conceptvlm.manifest.write_atomic`): a process killed while writing leaves
+    every earlier row in place."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        text = f.read()
-        rows = json.loads(text) if text.strip() else []
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = read_rows(path)
         yield rows
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(rows, indent=1))
+        write_atomic(path, json.dumps(rows, indent=1))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The result rows in ``path`` (``[]`` when it is missing or empty). A file that is not
+    a JSON list of objects is a one-line error naming it: read before any run trains, so a
+    broken file never costs a run (nor has its row lost when the run is done)."""
+    from ..errors import UserError
+
+    text = path.read_text() if path.is_file() else ""
+    if not text.strip():
+        return []
+    hint = f"restore it (`git checkout -- {path}`) or mend the broken row by hand"
+    try:
+        rows = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})", hint) from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path}: expected a JSON list of result rows (objects)", hint)
+    return rows
 
 
 @contextlib.contextmanager
@@ -408,11 +424,7 @@ def claim(run_dir: Path) -> Iterator[bool]:
 
 def done_run_keys(path: Path) -> frozenset:
     """Run keys of the rows already in the results file at ``path``."""
-    try:
-        rows = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return frozenset()
-    return frozenset(r["run_key"] for r in rows if isinstance(r, dict) and r.get("run_key"))
+    return frozenset(r["run_key"] for r in read_rows(path) if r.get("run_key"))
 
 
 def append_result(row: dict, path: Path) -> None:
@@ -460,11 +472,12 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
     exp["_results_dir"] = str(results_dir)
     exp["_git"] = git_rev()  # the code this process runs, even if the checkout moves on meanwhile
     exp["_code_rev"] = code_rev(exp.get("kind", "text"))
+    results = Path(results_dir) / f"{exp['name']}.json"
+    read_rows(results)  # a broken results file stops here, before any data is built or run trained
     runs_root = Path(runs_root)
     data = (run2.prepare_text_data(exp, runs_root / "_data") if exp.get("protocol", 1) == 2
             and exp.get("kind", "text") == "text" else prepare_data(exp, runs_root / "_data"))
     rows = []
-    results = Path(results_dir) / f"{exp['name']}.json"
     for seed in exp["seeds"]:
         for v in exp["variants"]:
             with claim(run_dir_of(exp, {"quick": quick, "variant": v["name"], "seed": seed}, runs_root)) as mine:

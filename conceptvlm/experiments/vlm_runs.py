@@ -11,6 +11,7 @@ from typing import Optional
 
 from .protocol import ratio_matched
 
+
 def _synthetic_dir(root: Path, split: str, kind: str, n: int, start: int) -> list[str]:
     """The shards of ``n`` synthetic samples of ``kind`` (written once, then reused)."""
     from conceptvlm.data.grounding_cells import write_cell_shards

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conceptvlm.data.pipeline import DataConfig, Source, build_loader
 from conceptvlm.data.synthetic import write_synthetic_shards

@@ -1,9 +1,7 @@
 """Expert parallelism through the real launcher on 2 CPU ranks equals one process on the
 same global batch: losses, gradient norms (so expert gradients are reduced over the
 right group and scaled right), global expert loads, and the exported (gathered) model."""
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -3,7 +3,6 @@ previous complete checkpoint; non-finite losses are skipped, counted, and stop t
 import math
 
 import pytest
-import torch
 
 from conceptvlm.checkpoint import latest_tag
 from conceptvlm.logging_utils import read_jsonl

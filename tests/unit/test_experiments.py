@@ -109,3 +109,56 @@ variants:
     assert rescore_held_ratios(exp, **kw) == 1
     assert json.loads(path.read_text())[0]["held"]["ratio"] == pytest.approx(ratio)
     assert rescore_held_ratios(exp, **kw) == 0  # nothing left to add
+
+
+@pytest.mark.parametrize("text,says", [("{not json", "not valid JSON"), ('{"a": 1}', "expected a JSON list"),
+                                       ("[3]", "expected a JSON list")])
+def test_a_broken_results_file_stops_a_run_before_anything_is_built(tmp_path, text, says):
+    """A results file that cannot be read would otherwise make every run look undone, and
+    the row of the first run to finish would be lost when it cannot be appended."""
+    from conceptvlm.errors import UserError
+    from conceptvlm.experiments.runner import run_experiment
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "chunking_v2.json").write_text(text)
+    with pytest.raises(UserError, match=f"chunking_v2.json: {says}"):
+        run_experiment("chunking_v2", quick=True, runs_root=tmp_path / "runs", results_dir=results)
+    assert not (tmp_path / "runs").exists()  # no corpus, tokenizer or run folder was made
+    assert (results / "chunking_v2.json").read_text() == text  # and the file is left as it was
+
+
+def test_rows_are_appended_atomically_and_a_failed_write_keeps_every_earlier_row(tmp_path, monkeypatch):
+    from conceptvlm import manifest
+    from conceptvlm.experiments.runner import append_result, read_rows
+
+    path = tmp_path / "x.json"
+    append_result({"variant": "a", "seed": 0}, path)
+    append_result({"variant": "a", "seed": 1}, path)
+    assert read_rows(path) == [{"variant": "a", "seed": 0}, {"variant": "a", "seed": 1}]
+
+    def killed(src, dst):  # the process dies between writing the new file and renaming it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manifest.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        append_result({"variant": "a", "seed": 2}, path)
+    assert read_rows(path) == [{"variant": "a", "seed": 0}, {"variant": "a", "seed": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".x.json.lock", ".x.json.tmp", "x.json"]
+
+
+def test_the_report_names_the_file_and_row_it_cannot_read(tmp_path):
+    from conceptvlm.errors import UserError
+    from conceptvlm.experiments.report import render_report
+
+    res, exps = tmp_path / "results", tmp_path / "exps"
+    res.mkdir()
+    exps.mkdir()
+    (exps / "chunking_ablation.yaml").write_text("kind: text\n")
+    good = _fake_row("none", "none", 2.5)
+    (res / "chunking_ablation.json").write_text(json.dumps([good, {k: v for k, v in good.items() if k != "time"}]))
+    with pytest.raises(UserError, match=r"chunking_ablation.json: row 1 lacks time"):
+        render_report(results_dir=res, out=tmp_path / "results.md", experiments_dir=exps)
+    (res / "chunking_ablation.json").write_text("[{")
+    with pytest.raises(UserError, match="chunking_ablation.json: not valid JSON"):
+        render_report(results_dir=res, out=tmp_path / "results.md", experiments_dir=exps)

@@ -125,7 +125,7 @@ def test_vocabulary_grows_when_the_tokens_do_not_fit(tmp_path):
 def test_recipe_config_converts_with_reallocation(tmp_path, repo_root):
     """docs/pretrained.md's stage-1 config (its concept.top_k only valid with the
     checkpoint's experts), split to fit the tiny checkpoint; reallocation is measured, not identical."""
-    hf = make_checkpoint(tmp_path / "ckpt", "olmoe")
+    make_checkpoint(tmp_path / "ckpt", "olmoe")
     over = ["model.n_encoder_layers=1", "model.n_concept_layers=1", "model.n_decoder_layers=1",
             "model.concept.top_k=4", "data.seq_len=64", f"train.out_dir={tmp_path / 'run'}"]
     out = convert_from_hf(tmp_path / "ckpt", repo_root / "configs/train/olmoe_concept_text.yaml", tmp_path / "out",

@@ -1,6 +1,5 @@
 """The synthetic image-text tasks: deterministic, and their answers agree with the pixels."""
 import io
-import json
 from collections import Counter
 
 import numpy as np
