@@ -4,14 +4,20 @@ from __future__ import annotations
 import argparse
 
 
+def _seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers, e.g. 0,1,2") \
+            from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import run_experiment
 
-    def ints(s):
-        return [int(x) for x in s.split(",")] if s else None
-
     run_experiment(args.name, quick=args.quick, runs_root=args.runs, results_dir=args.results,
-                   variants=args.variants.split(",") if args.variants else None, seeds=ints(args.seeds),
+                   variants=args.variants.split(",") if args.variants else None, seeds=args.seeds,
                    steps=args.steps, threads=args.threads, extra_overrides=args.override, force=args.force)
     return 0
 
@@ -32,12 +38,19 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import estimate, load_timing, measure_all
+    from ..errors import UserError
+    from .plan import PLAN, estimate, load_timing, measure_all
 
-    timing = measure_all(args.results, only=args.only.split(",") if args.only else None) if args.measure \
-        else load_timing(args.results)
+    only = args.only.split(",") if args.only else None
+    unknown = sorted(set(only or []) - {name for _, name, _ in PLAN})
+    if unknown:
+        raise UserError(f"--only {','.join(unknown)}: not in the plan",
+                        f"its experiments: {', '.join(name for _, name, _ in PLAN)}")
+    timing = measure_all(args.results, only=only) if args.measure else load_timing(args.results)
     total = 0.0
     for e in estimate(timing):
+        if only and e["experiment"] not in only:
+            continue
         if not e["measured"]:
             print(f"{e['stage']}: {e['experiment']}: not measured (conceptvlm experiment plan --measure)")
             continue
@@ -66,7 +79,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     run.add_argument("name", help="experiment name (configs/experiments/NAME.yaml) or a YAML path")
     run.add_argument("--quick", action="store_true", help="the experiment's short form (its `quick:` section)")
     run.add_argument("--variants", default="", help="comma-separated subset of variant names")
-    run.add_argument("--seeds", default="", help="comma-separated seeds (default: the YAML's)")
+    run.add_argument("--seeds", type=_seed_list, default=None, help="comma-separated seeds (default: the YAML's)")
     run.add_argument("--steps", type=int, default=None)
     run.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     run.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -85,7 +98,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     rs.set_defaults(func=_rescore)
     plan = kinds.add_parser("plan", help="the second protocol's plan and its CPU-hour estimate")
     plan.add_argument("--measure", action="store_true", help="time each stage's heaviest variant on this machine")
-    plan.add_argument("--only", default="", help="comma-separated experiments to (re)measure")
+    plan.add_argument("--only", default="", help="comma-separated experiments to show (with --measure: to re-time)")
     plan.add_argument("--results", default=str(RESULTS_DIR))
     plan.set_defaults(func=_plan)
     rep = kinds.add_parser("report", help="render docs/results.md + plots from the result JSONs")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..logging_utils import read_jsonl
+from ..manifest import write_atomic
 from .runner import RESULTS_DIR, load_experiment, machine
 
 # (stage, experiment, the variant timed for it: the most expensive one)
@@ -119,8 +120,22 @@ def estimate(timing: dict) -> list[dict]:
 
 
 def load_timing(results_dir: Path = RESULTS_DIR) -> dict:
+    """The stored timings (``{}`` before the first ``plan --measure``); a file that is not a
+    JSON mapping is a one-line error naming it."""
+    from ..errors import UserError
+
     p = Path(results_dir) / TIMING_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        timing = json.loads(p.read_text())
+    except ValueError as e:
+        raise UserError(f"{p}: not valid JSON ({e})", "restore it from git or measure again: "
+                        "conceptvlm experiment plan --measure") from None
+    if not isinstance(timing, dict):
+        raise UserError(f"{p}: expected a JSON mapping of experiment timings",
+                        "restore it from git or measure again: conceptvlm experiment plan --measure")
+    return timing
 
 
 def measure_all(results_dir: Path = RESULTS_DIR, only: Optional[list[str]] = None) -> dict:
@@ -133,5 +148,5 @@ def measure_all(results_dir: Path = RESULTS_DIR, only: Optional[list[str]] = Non
         timing[name]["full_steps"], timing[name]["full_eval_units"] = full_size(name)
         timing[name]["setup"] = setup_digest(load_experiment(name))
         Path(results_dir).mkdir(parents=True, exist_ok=True)
-        (Path(results_dir) / TIMING_FILE).write_text(json.dumps(timing, indent=1))
+        write_atomic(Path(results_dir) / TIMING_FILE, json.dumps(timing, indent=1))
     return timing

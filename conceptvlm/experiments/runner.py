@@ -43,7 +43,11 @@ def load_experiment(name: str, quick: bool = False) -> dict:
     """The experiment dict, with the ``quick`` section applied when ``quick``."""
     from omegaconf import OmegaConf
 
-    exp = OmegaConf.to_container(OmegaConf.load(experiment_path(name)), resolve=True)
+    from .spec import check_experiment
+
+    path = experiment_path(name)
+    exp = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    check_experiment(exp, path, REPO)
     exp.setdefault("name", Path(name).stem)
     exp["all_variants"] = list(exp["variants"])
     if quick and exp.get("quick"):
