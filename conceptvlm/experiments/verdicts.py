@@ -100,6 +100,8 @@ def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
             # the farther of the two bounds from the mean is the distance that resolves it
             notes = [f"{da + db} not-matched row(s) left out"] if da or db else []
             notes += _sizing(p, verdict, max(p.mean + margin, -p.mean))
+            if p.n >= 2:  # few seeds: show each, so one outlier seed is visible
+                notes.append("per seed " + ", ".join(f"s{s} {va[s] - vb[s]:+.3f}" for s in sorted(set(va) & set(vb))))
             out.append(f"- {head}: **{_provisional(verdict, p.n)}**. {a} − {b}: {p.fmt()} (margin {margin:g})"
                        + "".join(f"; {x}" for x in notes) + ".")
         elif "ratios" in c:

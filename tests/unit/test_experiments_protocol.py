@@ -147,7 +147,8 @@ def test_an_inconclusive_not_worse_claim_says_how_many_seeds_would_resolve_it():
     # differences 0.10, 0.25, -0.05: mean 0.10, sd 0.15; the interval must clear -0.01, so the
     # half-width t(n-1) 0.15 / sqrt(n) must fall below 0.11: n = 9 gives 0.115, n = 10 gives 0.107
     line = claim_lines(claim, latest(rows([0.9, 0.95, 0.85], [0.8, 0.7, 0.9])), True)[0]
-    assert "**inconclusive**" in line and line.endswith("(margin 0.01); ~10 seeds would resolve a difference this size.")
+    assert "**inconclusive**" in line and line.endswith(
+        "(margin 0.01); ~10 seeds would resolve a difference this size; per seed s0 +0.100, s1 +0.250, s2 -0.050.")
     # one seed: no spread, no sizing; a gate that did not pass compares nothing
     assert "seeds would" not in claim_lines(claim, latest(rows([0.9], [0.8])), True)[0]
     assert "not compared (gate not passed)" in claim_lines(claim, latest(rows([0.9], [0.8])), False)[0]
