@@ -315,20 +315,21 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
         t_eval = time.time()
         row["held"] = run2.evaluate_text(model, tok, data["held"], window, limit)
         row["eval_wall_s"] = time.time() - t_eval
-        realised = row["held"]["all"]["realised_ratio"]
+        realised, target = row["held"]["all"]["realised_ratio"], row["R"]
         row.update(run2.compute_fields(model_cfg, variant["router"], row["R"], realised, window))
     elif exp.get("kind", "text") == "text":
         row["held"] = _evaluate_text(model, tok, data["held"], limit)
         if exp.get("eval_train", False):
             row["train_eval"] = _evaluate_text(model, tok, data["train_eval"], limit)
-        realised = row["held"]["all"]["realised_ratio"]
+        realised, target = row["held"]["all"]["realised_ratio"], row["R"]
     else:
         from .vlm_runs import score_vlm_run
 
-        realised = score_vlm_run(row, model, tok, exp, variant, cfg, data, run_dir,
-                                 Path(exp.get("_results_dir", RESULTS_DIR)))
+        # over all positions: image patches merge at their own target, not the text's
+        realised, target = score_vlm_run(row, model, tok, exp, variant, cfg, data, run_dir,
+                                         Path(exp.get("_results_dir", RESULTS_DIR)))
     row["flops_per_token"] = flops.linear_flops_per_token(
-        model_cfg, row["R"] if variant["router"] != "none" else None)["all"]
+        model_cfg, target if variant["router"] != "none" else None)["all"]
     row["flops_per_token_realised"] = (flops.linear_flops_per_token(model_cfg, max(realised, 1.0))["all"]
                                        if variant["router"] not in ("none",) else row["flops_per_token"])
     row["train_wall_s"] = t_train  # every piece's, a killed one's up to its last logged step

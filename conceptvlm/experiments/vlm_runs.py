@@ -56,8 +56,31 @@ def _evaluate_suites(model, tok, held: dict, limit: Optional[int], out_dir: Path
 
 
 def realised_ratios_vlm(model, tok, held: dict) -> dict:
-    """Tokens per concept of each modality (eval rule) over the held-out caption and VQA
-    documents, packed as in training."""
+    """Tokens per concept of each modality (eval rule) over the held-out caption, VQA and
+    grounding-cell documents, packed as in training, and of all positions (``all``)."""
+    return ratios_of(modality_counts(model, tok, held))
+
+
+def ratios_of(counts: dict[str, tuple[int, int]]) -> dict:
+    """``{modality: tokens / concepts, "all": ...}`` from :func:`modality_counts`."""
+    if not counts:
+        return {}
+    total = tuple(sum(c[i] for c in counts.values()) for i in (0, 1))
+    return {m: n / max(k, 1) for m, (n, k) in {**counts, "all": total}.items()}
+
+
+def target_ratio_all(counts: dict[str, tuple[int, int]], targets: dict[str, float]) -> float:
+    """The ratio over all positions at which each modality would sit exactly at its target,
+    with the held-out mix of modalities: ``N / sum_m(N_m / R_m)``. Linear FLOPs per token
+    scale with it (image positions merging 4:1 cost less than text positions at 1.5)."""
+    n = sum(c[0] for c in counts.values())
+    concepts = sum(c[0] / targets.get(m, 1.0) for m, c in counts.items())
+    return n / concepts if concepts else 1.0
+
+
+def modality_counts(model, tok, held: dict) -> dict[str, tuple[int, int]]:
+    """``{modality: (tokens, concepts)}`` (eval-rule boundaries) over the held-out caption,
+    VQA and grounding-cell documents, packed as in training."""
     import torch
 
     from conceptvlm.data import DataConfig, Source, build_loader
@@ -78,7 +101,7 @@ def realised_ratios_vlm(model, tok, held: dict) -> dict:
             for m, st in out.chunk_stats.items():
                 tokens[m] = tokens.get(m, 0) + int(st["tokens"])
                 bounds[m] = bounds.get(m, 0) + int(st["eval_boundaries"])
-    return {m: tokens[m] / max(bounds[m], 1) for m in tokens}
+    return {m: (tokens[m], bounds[m]) for m in tokens}
 
 
 def boundary_picture(model, tok, held: dict, path: Path, label: str) -> Optional[str]:
@@ -104,14 +127,17 @@ def boundary_picture(model, tok, held: dict, path: Path, label: str) -> Optional
 
 
 def score_vlm_run(row: dict, model, tok, exp: dict, variant: dict, cfg, data: dict, run_dir: Path,
-                  results_dir: Path) -> float:
+                  results_dir: Path) -> tuple[float, float]:
     """Fill ``row`` with the held-out scores of one vision run (suites, per-modality
-    ratios, grounding cells, boundary picture); returns the realised text ratio."""
+    ratios, grounding cells, boundary picture); returns the ratio over all positions,
+    realised and at the targets, which the run's linear FLOPs per token follow."""
     import time
 
     limit = exp.get("eval_limit")
     row["held"] = _evaluate_suites(model, tok, data["held"], limit, run_dir)
-    row["held"]["ratio"] = realised_ratios_vlm(model, tok, data["held"])
+    counts = modality_counts(model, tok, data["held"])
+    row["held"]["ratio"] = ratios_of(counts)
+    row["held"]["tokens"] = {m: n for m, (n, _) in counts.items()}
     if "cells" in data["held"]:
         from .grounding import evaluate_cells
 
@@ -125,4 +151,5 @@ def score_vlm_run(row: dict, model, tok, exp: dict, variant: dict, cfg, data: di
     if variant["router"] != "none":
         pic = results_dir / f"{exp['name']}_{variant['name']}_s{row['seed']}_boundaries.png"
         row["boundary_picture"] = boundary_picture(model, tok, data["held"], pic, f"{variant['name']} seed {row['seed']}")
-    return row["held"]["ratio"].get("text", row["R"])
+    targets = {"text": row["R"], "image": row["R_image"] or 1.0} if variant["router"] != "none" else {}
+    return row["held"]["ratio"].get("all", row["R"]), target_ratio_all(counts, targets)

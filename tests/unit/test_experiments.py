@@ -102,8 +102,23 @@ variants:
     exp = str(tmp_path / "vlm_smoke.yaml")
     kw = dict(runs_root=tmp_path / "runs", results_dir=tmp_path / "results")
     path = tmp_path / "results" / "vlm_smoke.json"
-    ratio = rows[0]["held"]["ratio"]
-    assert set(ratio) == {"text", "image"} and all(r >= 1 for r in ratio.values())
+    ratio, tokens = rows[0]["held"]["ratio"], rows[0]["held"]["tokens"]
+    assert set(ratio) == {"text", "image", "all"} and all(r >= 1 for r in ratio.values())
+    assert set(tokens) == {"text", "image"} and tokens["image"] > 0
+    # the linear FLOPs follow the ratio over all positions, image and text each at its own
+    # target (3.0 and 1.5) or at what it realised
+    from conceptvlm import flops
+    from conceptvlm.experiments.vlm_runs import target_ratio_all
+    from conceptvlm.export import load_exported
+
+    model_cfg = load_exported(tmp_path / "runs" / "vlm_smoke" / "full" / "cosine-s0" / "export")[0].config.model
+    n = tokens["text"] + tokens["image"]
+    target = n / (tokens["text"] / 1.5 + tokens["image"] / 3.0)
+    assert target_ratio_all({m: (k, 0) for m, k in tokens.items()}, {"text": 1.5, "image": 3.0}) == \
+        pytest.approx(target)
+    assert rows[0]["flops_per_token"] == pytest.approx(flops.linear_flops_per_token(model_cfg, target)["all"])
+    assert rows[0]["flops_per_token_realised"] == pytest.approx(
+        flops.linear_flops_per_token(model_cfg, ratio["all"])["all"])
     del rows[0]["held"]["ratio"]  # a row written before held-out ratios were measured
     path.write_text(json.dumps(rows))
     assert rescore_held_ratios(exp, **kw) == 1
