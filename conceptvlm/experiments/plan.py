@@ -90,10 +90,9 @@ def full_size(name: str, runs_root: Path = Path("runs/experiments")) -> tuple[in
     exp = load_experiment(name)
     if exp.get("kind", "text") != "text":
         return int(exp["steps"]), int(exp["synthetic"]["cells"][1])
-    from . import run2
-    from .runner import run_config
+    from .runner import prepare_run_data, run_config
 
-    data = run2.prepare_text_data(exp, runs_root / "_data")
+    data = prepare_run_data(exp, runs_root)
     variant = next(v for v in exp["variants"] if v["name"] == dict((n, var) for _, n, var in PLAN)[name])
     steps = run_config(exp, variant, 0, data, runs_root, quick=False)[1]
     return steps, int(data["held_tokens"])

@@ -75,6 +75,22 @@ def machine() -> str:
 
 
 # ------------------------------------------------------------------------------- data
+def prepare_run_data(exp: dict, runs_root: Path) -> dict:
+    """The data of experiment ``exp`` under ``RUNS/_data``, built once, while this process
+    holds the folder's lock: processes started together on one experiment (which share
+    out its runs) would otherwise build the same corpus or shards at once, and one could
+    train on the few shards the other had written so far."""
+    import fcntl
+
+    root = Path(runs_root) / "_data"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks until another process has finished building
+        if exp.get("protocol", 1) == 2 and exp.get("kind", "text") == "text":
+            return run2.prepare_text_data(exp, root)
+        return prepare_data(exp, root)
+
+
 def prepare_data(exp: dict, root: Path) -> dict:
     """``{"train_sources": [...], "held": {name: shards}, "train_eval": {name: shards}, "info": {...}}``."""
     if exp.get("kind", "text") == "text":
@@ -358,7 +374,7 @@ def rescore_held_ratios(name: str, runs_root: str | Path = "runs/experiments",
     if exp.get("kind", "text") != "vlm":
         return 0
     runs_root = Path(runs_root)
-    data = prepare_data(exp, runs_root / "_data")
+    data = prepare_run_data(exp, runs_root)
     path = Path(results_dir) / f"{exp['name']}.json"
     if not path.is_file():
         raise FileNotFoundError(f"experiment {exp['name']}: no result rows at {path}")
@@ -480,8 +496,7 @@ def run_experiment(name: str, quick: bool = False, runs_root: str | Path = "runs
     results = Path(results_dir) / f"{exp['name']}.json"
     read_rows(results)  # a broken results file stops here, before any data is built or run trained
     runs_root = Path(runs_root)
-    data = (run2.prepare_text_data(exp, runs_root / "_data") if exp.get("protocol", 1) == 2
-            and exp.get("kind", "text") == "text" else prepare_data(exp, runs_root / "_data"))
+    data = prepare_run_data(exp, runs_root)
     rows = []
     for seed in exp["seeds"]:
         for v in exp["variants"]:

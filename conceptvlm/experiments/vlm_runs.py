@@ -13,16 +13,23 @@ from .protocol import ratio_matched
 
 
 def _synthetic_dir(root: Path, split: str, kind: str, n: int, start: int) -> list[str]:
-    """The shards of ``n`` synthetic samples of ``kind`` (written once, then reused)."""
+    """The shards of ``n`` synthetic samples of ``kind`` (written once, then reused). They
+    are written into a ``.partial`` folder renamed into place when complete, so a folder
+    that exists is whole: a process killed while writing leaves nothing that is reused."""
+    import shutil
+
     from conceptvlm.data.grounding_cells import write_cell_shards
     from conceptvlm.data.synthetic import write_synthetic_shards
 
     d = root / "synthetic" / split / f"{kind}-{n}"  # experiments with other sizes don't share
     if not d.exists():
+        partial = d.with_name(d.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # what a killed writer left
         if kind == "cells":  # the grounding-cell task (VQA samples)
-            write_cell_shards(d, num=n, shard_size=500, seed=0, start_index=start)
+            write_cell_shards(partial, num=n, shard_size=500, seed=0, start_index=start)
         else:
-            write_synthetic_shards(kind, d, num=n, shard_size=500, seed=0, start_index=start)
+            write_synthetic_shards(kind, partial, num=n, shard_size=500, seed=0, start_index=start)
+        partial.rename(d)
     return sorted(str(p) for p in d.glob("*.tar"))
 
 

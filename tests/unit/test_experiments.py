@@ -177,3 +177,57 @@ def test_the_report_names_the_file_and_row_it_cannot_read(tmp_path):
     (res / "chunking_ablation.json").write_text("[{")
     with pytest.raises(UserError, match="chunking_ablation.json: not valid JSON"):
         render_report(results_dir=res, out=tmp_path / "results.md", experiments_dir=exps)
+
+
+def _cells_exp(n_train: int = 40, n_held: int = 8) -> dict:
+    return {"name": "t", "kind": "vlm", "synthetic": {"cells": [n_train, n_held]}}
+
+
+def test_runs_started_together_build_the_data_once_and_each_sees_all_of_it(tmp_path, monkeypatch):
+    """Two processes on one experiment used to race: the second saw the first's half-written
+    shard folder and trained on the one shard written so far (grounding_cells seed 1)."""
+    import threading
+    import time
+
+    from conceptvlm.data import grounding_cells
+    from conceptvlm.experiments.runner import prepare_run_data
+
+    write, calls = grounding_cells.write_cell_shards, []
+
+    def slow_write(out_dir, num, shard_size, **kw):  # one shard at a time, slowly
+        calls.append(num)
+        paths = write(out_dir, num, shard_size=10, **kw)
+        time.sleep(0.3)
+        return paths
+
+    monkeypatch.setattr(grounding_cells, "write_cell_shards", slow_write)
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(prepare_run_data(_cells_exp(), tmp_path)))
+               for _ in range(2)]
+    for t in threads:  # flock locks conflict between two open() calls, threads included
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [40, 8]  # built once, by whichever came first
+    shards = [d["train_sources"][0]["shards"] for d in seen]
+    assert shards[0] == shards[1] and len(shards[0]) == 4  # 40 samples, 10 per shard
+
+
+def test_a_killed_shard_writer_leaves_nothing_that_is_reused(tmp_path, monkeypatch):
+    from conceptvlm.data import grounding_cells
+    from conceptvlm.experiments.runner import prepare_run_data
+
+    write = grounding_cells.write_cell_shards
+
+    def dies_after_one_shard(out_dir, num, shard_size, **kw):
+        write(out_dir, 5, shard_size=5, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grounding_cells, "write_cell_shards", dies_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_run_data(_cells_exp(), tmp_path)
+    cells = tmp_path / "_data" / "synthetic" / "train"
+    assert [p.name for p in cells.iterdir()] == ["cells-40.partial"]
+    monkeypatch.setattr(grounding_cells, "write_cell_shards", write)
+    data = prepare_run_data(_cells_exp(), tmp_path)
+    assert [p.name for p in cells.iterdir()] == ["cells-40"] and len(data["train_sources"][0]["shards"]) == 1
