@@ -150,12 +150,17 @@ def _data_config(cfg):
 
 
 def data_fingerprint(cfg, batches: int = 2) -> str:
-    """A hash of the token ids of the first ``batches`` training batches the run's data
-    config yields: the same for every variant of one seed when the seeds are paired."""
+    """A hash of the training shards (names and sizes) and of the token ids of the first
+    ``batches`` training batches the run's data config yields: the same for every variant
+    of one seed when the seeds are paired, and different when a run read fewer shards."""
     from conceptvlm.data import build_loader, load_tokenizer
+    from conceptvlm.data.shards import expand_shards
 
     loader = build_loader(_sources(cfg), load_tokenizer(cfg.data.tokenizer), _data_config(cfg))
     h = hashlib.sha1()
+    for src in cfg.data.sources:
+        for shard in map(Path, expand_shards(src.shards)):
+            h.update(f"{shard.name}:{shard.stat().st_size if shard.is_file() else '?'};".encode())
     for batch in itertools.islice(iter(loader), batches):
         h.update(batch["input_ids"].numpy().tobytes())
     return h.hexdigest()[:16]

@@ -231,3 +231,17 @@ def test_a_killed_shard_writer_leaves_nothing_that_is_reused(tmp_path, monkeypat
     monkeypatch.setattr(grounding_cells, "write_cell_shards", write)
     data = prepare_run_data(_cells_exp(), tmp_path)
     assert [p.name for p in cells.iterdir()] == ["cells-40"] and len(data["train_sources"][0]["shards"]) == 1
+
+
+def test_a_run_that_reads_fewer_shards_has_another_data_order(tmp_path):
+    """The pairing check's fingerprint covers the shard list, not only the first batches."""
+    from conceptvlm.experiments.run2 import data_fingerprint
+    from conceptvlm.experiments.runner import load_experiment, prepare_run_data, run_config
+
+    exp = {**load_experiment("grounding_cells", quick=True), "_code_rev": "x", "synthetic": {"cells": [501, 8]}}
+    data = prepare_run_data(exp, tmp_path)
+    variant = exp["variants"][0]
+    full = data_fingerprint(run_config(exp, variant, 0, data, tmp_path, True)[0])
+    assert data_fingerprint(run_config(exp, exp["variants"][1], 0, data, tmp_path, True)[0]) == full  # paired
+    fewer = {**data, "train_sources": [{**data["train_sources"][0], "shards": data["train_sources"][0]["shards"][:1]}]}
+    assert data_fingerprint(run_config(exp, variant, 0, fewer, tmp_path, True)[0]) != full
