@@ -63,8 +63,9 @@ def fsync_path(path: Path) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsync and rename: a process
-    killed mid-write leaves the old file whole, never half of the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    killed mid-write leaves the old file whole, never half of the new one. The temporary
+    name is the process's own, so two processes writing one file never share it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

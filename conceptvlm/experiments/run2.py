@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from ..manifest import write_atomic
 from .protocol import eval_window, one_pass_steps, ratio_matched, size_weights, windows_of
 
 TRAIN_DOMAINS = ("english", "code")
@@ -91,9 +92,7 @@ def packed_rows(cfg, cache_dir: Path) -> int:
     for batch in build_loader(_sources(cfg), load_tokenizer(cfg.data.tokenizer), dc):
         rows += int((batch["doc_ids"] >= 0).any(dim=1).sum())  # a last, short batch pads with empty rows
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rows": rows, "data_config": dataclasses.asdict(dc)}, default=str))
-    tmp.replace(path)
+    write_atomic(path, json.dumps({"rows": rows, "data_config": dataclasses.asdict(dc)}, default=str))
     return rows
 
 
