@@ -126,14 +126,13 @@ def load_timing(results_dir: Path = RESULTS_DIR) -> dict:
     p = Path(results_dir) / TIMING_FILE
     if not p.is_file():
         return {}
+    hint = "restore it from git or measure again: conceptvlm experiment plan --measure"
     try:
         timing = json.loads(p.read_text())
     except ValueError as e:
-        raise UserError(f"{p}: not valid JSON ({e})", "restore it from git or measure again: "
-                        "conceptvlm experiment plan --measure") from None
+        raise UserError(f"{p}: not valid JSON ({e})", hint) from None
     if not isinstance(timing, dict):
-        raise UserError(f"{p}: expected a JSON mapping of experiment timings",
-                        "restore it from git or measure again: conceptvlm experiment plan --measure")
+        raise UserError(f"{p}: expected a JSON mapping of experiment timings", hint)
     return timing
 
 

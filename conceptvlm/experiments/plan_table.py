@@ -8,6 +8,7 @@ from typing import Optional
 from . import stats as S
 from .verdicts import latest
 
+
 def train_seconds(row: dict) -> float:
     """A row's training time: its wall time over the pieces that ran, or the sum of its
     logged step times when larger (rows written before the runner counted the time of a
@@ -84,4 +85,3 @@ def plan_lines(results_dir, rows: Optional[dict[str, list[dict]]] = None) -> lis
                 f"timed estimate no longer prices the plan: `conceptvlm experiment plan --measure --only "
                 f"{','.join(stale)}`.", ""]
     return out
-

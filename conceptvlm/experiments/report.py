@@ -259,7 +259,8 @@ def _is_rows(path: Path) -> bool:
 def render_report(results_dir: str | Path = RESULTS_DIR, out: Optional[str | Path] = None,
                   experiments_dir: str | Path = EXPERIMENTS_DIR) -> str:
     """Write the markdown page (default ``RESULTS/../results.md``) and plots; returns its path."""
-    from .report_v2 import load_rows, second_protocol_lines
+    from .report_v2 import ROW_KEYS, second_protocol_lines
+    from .runner import read_rows
 
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -278,7 +279,7 @@ def render_report(results_dir: str | Path = RESULTS_DIR, out: Optional[str | Pat
     first_at = len(lines)
     not_run = []
     for name in names:
-        rows = load_rows(results_dir / f"{name}.json")
+        rows = read_rows(results_dir / f"{name}.json", ROW_KEYS)
         if not rows:
             not_run.append(name)
             continue

@@ -10,32 +10,16 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable, Optional
 
 from . import stats as S
 from .plan_table import plan_lines, train_seconds
+from .runner import read_rows
 from .verdicts import METRICS, claim_lines, gate, latest
 
 
 # what every result row carries, whichever protocol or kind made it (the report reads these)
 ROW_KEYS = ("variant", "seed", "quick", "steps", "router", "held", "command", "machine", "time", "wall_s")
-
-
-def load_rows(path: Path) -> list[dict]:
-    """The result rows in ``path`` (``[]`` when it does not exist), each with the keys every
-    row has: a broken file or row is a one-line error that names the file and the row, not
-    a traceback from deep inside a table."""
-    from ..errors import UserError
-    from .runner import read_rows
-
-    rows = read_rows(path)
-    for i, row in enumerate(rows):
-        missing = [k for k in ROW_KEYS if k not in row]
-        if missing:
-            raise UserError(f"{path}: row {i} lacks {', '.join(missing)}",
-                            f"restore it (`git checkout -- {path}`) or mend the row by hand")
-    return rows
 
 
 def revision_of(row: dict) -> str:
@@ -325,7 +309,7 @@ def second_protocol_lines(names: list[str], results_dir, experiments_dir) -> tup
             first.append(name)
             continue
         exps[name] = exp
-        rows[name] = load_rows(results_dir / f"{name}.json")
+        rows[name] = read_rows(results_dir / f"{name}.json", ROW_KEYS)
     if not exps:
         return [], first
     from .plan import PLAN

@@ -407,10 +407,11 @@ def _locked_rows(path: Path) -> Iterator[list]:
         write_atomic(path, json.dumps(rows, indent=1))
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     """The result rows in ``path`` (``[]`` when it is missing or empty). A file that is not
-    a JSON list of objects is a one-line error naming it: read before any run trains, so a
-    broken file never costs a run (nor has its row lost when the run is done)."""
+    a JSON list of objects, or a row without one of the ``required`` keys, is a one-line
+    error naming the file (and row): read before any run trains, so a broken file never
+    costs a run (nor has its row lost when the run is done)."""
     from ..errors import UserError
 
     text = path.read_text() if path.is_file() else ""
@@ -423,6 +424,10 @@ def read_rows(path: Path) -> list[dict]:
         raise UserError(f"{path}: not valid JSON ({e})", hint) from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"{path}: expected a JSON list of result rows (objects)", hint)
+    for i, row in enumerate(rows):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise UserError(f"{path}: row {i} lacks {', '.join(missing)}", hint)
     return rows
 
 
