@@ -43,6 +43,11 @@ def _values(by: dict, variant: str, metric: str) -> tuple[dict[int, float], int]
     return out, dropped
 
 
+def _dropped(n: int) -> list[str]:
+    """The note for rows a claim left out because their ratio missed its target (none when n is 0)."""
+    return [f"{n} not-matched row(s) left out"] if n else []
+
+
 def _link(by: dict, a: str, b: str, metric: str) -> tuple[str, S.Paired, str]:
     """Verdict of "a better than b" on ``metric``, its paired difference, a note."""
     label, _, lower = METRICS[metric]
@@ -50,7 +55,7 @@ def _link(by: dict, a: str, b: str, metric: str) -> tuple[str, S.Paired, str]:
     vb, db = _values(by, b, metric)
     p = S.paired(va, vb) if lower else S.paired(vb, va)  # always "a - b" in the better direction's sign
     verdict = S.verdict_less(p)
-    notes = [f"{da + db} not-matched row(s) left out"] if da or db else []
+    notes = _dropped(da + db)
     notes += _sizing(p, verdict, p.mean)
     if 0 < p.n < S.MIN_SEEDS_HEADLINE:
         notes.append(f"{p.n} paired seed(s), fewer than {S.MIN_SEEDS_HEADLINE}")
@@ -98,7 +103,7 @@ def claim_lines(exp: dict, by: dict, gate_ok: Optional[bool]) -> list[str]:
             verdict = S.verdict_not_worse(p, margin)
             # it holds once the interval clears -margin, fails once it is all below 0:
             # the farther of the two bounds from the mean is the distance that resolves it
-            notes = [f"{da + db} not-matched row(s) left out"] if da or db else []
+            notes = _dropped(da + db)
             notes += _sizing(p, verdict, max(p.mean + margin, -p.mean))
             if p.n >= 2:  # few seeds: show each, so one outlier seed is visible
                 notes.append("per seed " + ", ".join(f"s{s} {va[s] - vb[s]:+.3f}" for s in sorted(set(va) & set(vb))))
