@@ -296,7 +296,6 @@ def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[
     return out + [""]
 
 
-
 def second_protocol_lines(names: list[str], results_dir, experiments_dir) -> tuple[list[str], list[str]]:
     """The second protocol's part of the page, and the names left for the first protocol."""
     from omegaconf import OmegaConf
