@@ -64,13 +64,18 @@ def fsync_path(path: Path) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsync and rename: a process
     killed mid-write leaves the old file whole, never half of the new one. The temporary
-    name is the process's own, so two processes writing one file never share it."""
+    name is the process's own, so two processes writing one file never share it; a write
+    that fails (or is interrupted) in Python removes it again, so none pile up."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: the old file stays whole, the debris goes
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 
