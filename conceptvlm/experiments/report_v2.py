@@ -15,6 +15,7 @@ from typing import Callable, Optional
 from . import stats as S
 from .plan_table import plan_lines, train_seconds
 from .runner import read_rows
+from .spec import protocol_key, with_quick
 from .verdicts import METRICS, claim_lines, gate, latest
 
 
@@ -46,6 +47,39 @@ def split_by_revision(exp: dict, rows: list[dict]) -> tuple[list[dict], list[dic
         return rows, []
     rev = revision_of(max(rows, key=lambda r: r["time"]))
     return [r for r in rows if revision_of(r) == rev], [r for r in rows if revision_of(r) != rev]
+
+
+def split_by_protocol(exp: dict, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(current, superseded)``: a table that decides claims holds only rows made under
+    the YAML's present settings (their ``protocol_key`` matches the one the YAML gives
+    their variant now), so an edit to how runs are made (an override, the steps) never
+    mixes old and new rows at one code revision. Rows from before rows recorded the key
+    stand while no row of the table has one."""
+    if not exp.get("claims") or not any(r.get("protocol_key") for r in rows):
+        return rows, []
+    variants = {v["name"]: v for v in exp.get("variants", [])}
+
+    def now(r: dict) -> bool:
+        v = variants.get(r["variant"])
+        return v is not None and r.get("protocol_key") == protocol_key(with_quick(exp) if r["quick"] else exp, v)
+    return [r for r in rows if now(r)], [r for r in rows if not now(r)]
+
+
+def current_rows(exp: dict, rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(current, other protocol, older code)``: the rows a table is read at
+    (:func:`split_by_protocol`, then :func:`split_by_revision`) and the two kinds left out."""
+    made_now, other_protocol = split_by_protocol(exp, rows)
+    current, older_code = split_by_revision(exp, made_now)
+    return current, other_protocol, older_code
+
+
+def other_protocol_lines(old: list[dict]) -> list[str]:
+    if not old:
+        return []
+    runs = sorted({(r["variant"], r["seed"]) for r in old})
+    return [f"Superseded, left out of the table and its verdicts: {len(runs)} run(s) made under other settings "
+            "than the experiment YAML's present ones (an earlier protocol, or a probe with extra overrides): "
+            + ", ".join(f"{v} seed {s}" for v, s in runs) + ".", ""]
 
 
 def superseded_lines(old: list[dict], current: list[dict]) -> list[str]:
@@ -209,11 +243,16 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
     for r in rows:
         forms[r["quick"]].append(r)
     for quick, every in sorted(forms.items()):
-        rs, old = split_by_revision(exp, every)
+        rs, other_protocol, old = current_rows(exp, every)
+        lines += [f"### {'quick form (pipeline check, not evidence)' if quick else 'full'}", ""]
+        if not rs:
+            noted = {k: v for k, v in exp.items() if k != "notes"} if quick else exp
+            lines += ["No rows under the present protocol yet.", ""] + other_protocol_lines(other_protocol)
+            lines += note_lines(noted)
+            continue
         by = latest(rs)
         rows_used = [r for seeds in by.values() for r in seeds.values()]
         r_last = max(rows_used, key=lambda r: r["time"])
-        lines += [f"### {'quick form (pipeline check, not evidence)' if quick else 'full'}", ""]
         lines += provenance_lines(rows_used)
         info = r_last.get("data", {})
         if "tokenizer" in info:
@@ -228,6 +267,7 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
         lines += problem_lines(noted, problem)
         kind_cells = any("cells" in r["held"] for r in rows_used)
         lines += (cells_table(by) if kind_cells else text_table(by)) + [""] + superseded_lines(old, rs)
+        lines += other_protocol_lines(other_protocol)
         lines += best_lr_lines(by) + note_lines(noted)
         gate_ok, gate_line = gate(exp, by)
         if gate_line:
@@ -276,7 +316,7 @@ PROTOCOL_INTRO = [
 
 def verdict_summary(exps: dict[str, dict], rows: dict[str, list[dict]]) -> list[str]:
     """One line per claim of the paper: its verdict, or that it has not been run. ``rows``:
-    each experiment's full-form rows at its current revision (:func:`split_by_revision`)."""
+    each experiment's full-form rows under its present protocol and code (:func:`current_rows`)."""
     out = ["## Verdicts", ""]
     for text, name, cid in PAPER_CLAIMS_V2:
         full = rows.get(name, [])
@@ -313,7 +353,7 @@ def second_protocol_lines(names: list[str], results_dir, experiments_dir) -> tup
         return [], first
     from .plan import PLAN
 
-    current = {n: split_by_revision(exps[n], [r for r in rs if not r.get("quick")])[0] for n, rs in rows.items()}
+    current = {n: current_rows(exps[n], [r for r in rs if not r.get("quick")])[0] for n, rs in rows.items()}
     lines = PROTOCOL_INTRO + verdict_summary(exps, current) + plan_lines(results_dir, current)
     order = [n for _, n, _ in PLAN if n in exps] + sorted(set(exps) - {n for _, n, _ in PLAN})
     for name in order:

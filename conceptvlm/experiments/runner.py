@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 from ..manifest import write_atomic
 from . import run2
 from .revision import REPO, code_rev, git_rev
+from .spec import protocol_key
 
 RESULTS_DIR = REPO / "docs" / "results"
 EXPERIMENTS_DIR = REPO / "configs" / "experiments"
@@ -43,20 +44,14 @@ def load_experiment(name: str, quick: bool = False) -> dict:
     """The experiment dict, with the ``quick`` section applied when ``quick``."""
     from omegaconf import OmegaConf
 
-    from .spec import check_experiment
+    from .spec import check_experiment, with_quick
 
     path = experiment_path(name)
     exp = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     check_experiment(exp, path, REPO)
     exp.setdefault("name", Path(name).stem)
     exp["all_variants"] = list(exp["variants"])
-    if quick and exp.get("quick"):
-        for key, value in exp["quick"].items():  # steps, seeds, eval_limit, corpus_large, ...
-            if key == "variants":
-                exp["variants"] = [v for v in exp["variants"] if v["name"] in set(value)]
-            else:
-                exp[key] = value
-    return exp
+    return with_quick(exp) if quick else exp
 
 
 def machine() -> str:
@@ -349,7 +344,8 @@ def run_one(exp: dict, variant: dict, seed: int, data: dict, runs_root: Path, qu
     row["flops_per_token_realised"] = (flops.linear_flops_per_token(model_cfg, max(realised, 1.0))["all"]
                                        if variant["router"] not in ("none",) else row["flops_per_token"])
     row["train_wall_s"] = t_train  # every piece's, a killed one's up to its last logged step
-    row.update(run_key=key, code_rev=exp.get("_code_rev", ""), train_pieces=state["pieces"],
+    row.update(run_key=key, code_rev=exp.get("_code_rev", ""), protocol_key=protocol_key(exp, variant),
+               train_pieces=state["pieces"],
                train_step_s_total=_step_seconds(run_dir / "metrics.jsonl"))
     row["wall_s"] = time.time() - t0
     return row

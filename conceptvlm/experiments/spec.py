@@ -7,6 +7,8 @@ each key.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, get_args
 
@@ -24,6 +26,32 @@ CLAIM_FORMS = ("chain", "not_worse", "ratios")
 CLAIM_KEYS = ("id", "text", "metric", "margin", "gated", *CLAIM_FORMS)
 CLAIM_METRICS = ("held_bpb", "ood_bpb", "cell_accuracy")  # = verdicts.METRICS
 GATE_KEYS = ("variant", "metric", "at_least")
+# The keys that say which runs a table holds and how it is read, not how a run is made or
+# scored: editing them keeps a table's rows. Every other top-level key is part of the
+# protocol (:func:`protocol_key`), and a row made under other values of it is superseded.
+READING_KEYS = ("name", "claim", "claims", "notes", "gate", "seeds", "variants", "quick", "unsupported")
+
+
+def with_quick(exp: dict) -> dict:
+    """A copy of ``exp`` with its ``quick`` section applied (the pipeline-check form)."""
+    out = dict(exp)
+    for key, value in (exp.get("quick") or {}).items():  # steps, seeds, eval_limit, corpus_large, ...
+        if key == "variants":
+            out["variants"] = [v for v in exp["variants"] if v["name"] in set(value)]
+        else:
+            out[key] = value
+    return out
+
+
+def protocol_key(exp: dict, variant: dict) -> str:
+    """What a run of ``variant`` was made under beyond the code: the experiment's settings
+    (training config, data, steps, overrides, evaluation) and the variant's own entry. A
+    row records it, so a YAML edit that changes how runs are made (a new override, more
+    steps) leaves its older rows out of the table instead of mixing them with new ones,
+    even at one code revision; the code itself is in the row's ``code_rev``."""
+    shared = {k: v for k, v in exp.items() if k in TOP_KEYS and k not in READING_KEYS}
+    blob = json.dumps({"experiment": shared, "variant": variant}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
 def check_experiment(exp: Any, path: Path, repo: Path) -> None:

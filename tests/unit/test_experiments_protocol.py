@@ -201,6 +201,36 @@ def test_a_claims_table_is_read_at_its_newest_revision_and_a_sweep_keeps_its_mix
     assert "2 revisions" in revision_problem(old + new)
 
 
+def test_a_claims_table_holds_only_rows_made_under_the_yamls_present_settings():
+    from conceptvlm.experiments.report_v2 import current_rows, other_protocol_lines
+    from conceptvlm.experiments.spec import protocol_key, with_quick
+
+    exp = {"steps": 100, "overrides": ["optim.lr=1e-3"], "seeds": [0, 1], "notes": ["n"],
+           "variants": [{"name": "dyn", "router": "cosine", "R": 2.0}, {"name": "none", "router": "none"}],
+           "claims": [{"id": "c", "text": "dyn < none", "chain": ["dyn", "none"], "metric": "held_bpb"}],
+           "quick": {"steps": 3, "variants": ["dyn"]}}
+    dyn, none = exp["variants"]
+    made = [dict(_row(v["name"], s, 3.0), protocol_key=protocol_key(exp, v), time=f"2026-12-06 0{s}:00:00")
+            for v in (dyn, none) for s in (0, 1)]
+    assert current_rows(exp, made) == (made, [], [])
+    # what only reads the table (notes, claims, seeds, the gate) keeps its rows ...
+    read = dict(exp, notes=["other"], seeds=[0, 1, 2], gate={"variant": "none", "metric": "held_bpb"})
+    assert current_rows(read, made) == (made, [], [])
+    # ... a change to how runs are made supersedes them, for every variant or for the one edited
+    assert current_rows(dict(exp, overrides=["optim.lr=2e-3"]), made) == ([], made, [])
+    assert current_rows(dict(exp, steps=200), made) == ([], made, [])
+    edited = dict(exp, variants=[dict(dyn, R=4.0), none])
+    assert current_rows(edited, made) == (made[2:], made[:2], [])
+    assert "2 run(s) made under other settings" in other_protocol_lines(made[:2])[0]
+    # rows from before rows carried the key stand while none of the table has one
+    legacy = [{k: v for k, v in r.items() if k != "protocol_key"} for r in made]
+    assert current_rows(exp, legacy) == (legacy, [], [])
+    assert current_rows(exp, legacy + made[:1]) == (made[:1], legacy, [])
+    # the quick form is keyed with its own steps
+    quick = dict(made[0], quick=True, protocol_key=protocol_key(with_quick(exp), dyn))
+    assert quick["protocol_key"] != made[0]["protocol_key"] and current_rows(exp, [quick])[0] == [quick]
+
+
 def test_lr_sweep_names_the_best_lr_per_router():
     from conceptvlm.experiments.report_v2 import best_lr_lines
     from conceptvlm.experiments.verdicts import latest
@@ -362,6 +392,12 @@ claims:
     assert "Held-out overlap with training" in md and "english 0 of" in md
     # a clean checkout draws the verdict, a dirty one withholds it: never both, never neither
     assert ("**Claim: fixed < none**" in md) != ("Verdicts withheld" in md)
+    # the rows carry the key the report computes from the YAML; an edit to how runs are made supersedes them
+    yaml_text = (exps / "p2.yaml").read_text()
+    (exps / "p2.yaml").write_text(yaml_text.replace("optim.warmup_steps=1", "optim.warmup_steps=2"))
+    md = open(render_report(results_dir=results, out=tmp_path / "results.md", experiments_dir=exps)).read()
+    assert "No rows under the present protocol yet." in md and "**Claim: fixed < none**" not in md
+    assert "4 run(s) made under other settings" in md
 
 
 def test_plan_estimate_multiplies_measured_times_out_to_the_full_forms():
