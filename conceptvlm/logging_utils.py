@@ -127,6 +127,8 @@ class StepMetrics:
             st = out.chunk_stats.get(name) or {}
             row += [st.get("tokens", zero), st.get("boundaries", zero), st.get("ratio_loss", zero),
                     zero + float(bool(st)), st.get("eval_boundaries", zero), st.get("split_loss", zero)]
+        spread = out.patch_spread
+        row += [zero if spread is None else spread.detach(), zero + float(spread is not None)]
         row = torch.stack([r.to(torch.float64).reshape(()) for r in row])
         self.sums = row if self.sums is None else self.sums + row
         self.lm_losses.append(lm_loss)
@@ -157,9 +159,27 @@ class StepMetrics:
                 m[f"ratio_loss/{name}"] = rl / max(cnt, 1.0)
                 if split:
                     m[f"split_loss/{name}"] = split / max(cnt, 1.0)
+        spread, with_images = v[6 + 6 * len(MODALITIES):]
+        if with_images:
+            m["image/patch_spread"] = spread / with_images
         layers = [torch.stack(layer).sum(0).cpu().tolist() for layer in zip(*self.counts)]
         m.update(expert_load_summary(layers))
         return m
+
+
+def collapse_warning(metrics: dict[str, Any]) -> Optional[str]:
+    """A line for the log when a step's projected image patches are nearly one vector
+    (``image/patch_spread`` under ``vision.projector.COLLAPSED_BELOW``), else None."""
+    spread = metrics.get("image/patch_spread")
+    if spread is None:
+        return None
+    from .vision.projector import COLLAPSED_BELOW  # only VLM runs log a spread
+
+    if spread >= COLLAPSED_BELOW:
+        return None
+    return (f"image patches are nearly one vector after the projector (patch spread {spread:.3f} < "
+            f"{COLLAPSED_BELOW}): the language model cannot see where things are. A tower or projector trained "
+            "from scratch can collapse like this; freezing it (train.freeze=[tower.,projector.]) keeps the patches apart")
 
 
 def skipped_counters(loaders: list) -> dict[str, int]:

@@ -48,6 +48,9 @@ class ModelOutput:
     state: Optional["InferenceState"] = None  # caches after this call (use_cache=True)
     boundary: Optional[torch.Tensor] = None  # [B, L] bool, token starts a concept
     boundary_prob: Optional[torch.Tensor] = None  # [B, L] router probability p_t
+    # A VLM in training: how far apart the projected patches of an image are (0-dim;
+    # vision.projector.patch_spread), so a collapsed tower or projector shows in the logs.
+    patch_spread: Optional[torch.Tensor] = None
 
 
 def next_token_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, doc_BL: torch.Tensor):

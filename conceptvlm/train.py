@@ -268,7 +268,7 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
     from .expert_parallel import parallelize_moe
     from .export import export_model
     from .data.counters import skip_summary
-    from .logging_utils import MetricLogger, StepMetrics, grad_norm, skipped_counters
+    from .logging_utils import MetricLogger, StepMetrics, collapse_warning, grad_norm, skipped_counters
     from .loss import training_loss
     from .resume import resume
 
@@ -317,7 +317,7 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
                        progress=cfg.train.progress)
     gas = cfg.optim.grad_accum
     losses: list[float] = []
-    in_row, manual_norm = 0, None
+    in_row, manual_norm, warned_collapse = 0, None, False
     schedule, final = cfg.ratio_schedule, RatioTargets.of(cfg.model.chunk)
 
     def trainer_state() -> dict:
@@ -370,6 +370,10 @@ def train(cfg: TrainConfig, loss_hook: Optional[Callable[[int, torch.Tensor], to
                 if targets is not None:
                     metrics["target_ratio/text"] = targets.text
                 log.log(step, metrics)
+                collapsed = collapse_warning(metrics)
+                if collapsed and not warned_collapse:  # once: the metric carries on in metrics.jsonl
+                    log.message(f"step {step}: {collapsed}")
+                    warned_collapse = True
             log.advance()
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                 save_checkpoint(engine, ckpt_dir, step, trainer_state(), cfg.train.keep_last, resolved)

@@ -138,9 +138,14 @@ class ConceptVLM(nn.Module):
             raise ValueError(f"token id {int(input_ids.max())} >= vocab_size={self.config.model.vocab_size}: "
                              "the tokenizer and the model config disagree")
         emb = self.lm.embed(input_ids)
+        spread = None
         if n_images:
-            patches = self.embed_images(images.to(emb.device, emb.dtype)).reshape(-1, emb.shape[-1])
-            emb = emb.index_put((is_img,), patches.to(emb.dtype))
+            tokens = self.embed_images(images.to(emb.device, emb.dtype))
+            if self.training:
+                from .vision.projector import patch_spread
+
+                spread = patch_spread(tokens.detach())
+            emb = emb.index_put((is_img,), tokens.reshape(-1, emb.shape[-1]).to(emb.dtype))
         if labels is not None:
             labels = torch.where(mod == TEXT, labels, torch.full_like(labels, IGNORE_INDEX))
         dev = input_ids.device
@@ -149,5 +154,7 @@ class ConceptVLM(nn.Module):
         if self.config.image_positions == "2d" and self.tower is not None:
             pos1d = self.lm.token_positions(doc, doc >= 0, state)
             pos = self.image_positions(pos1d, mod)
-        return self.lm(labels=labels, doc_ids=doc_ids, modality=mod, positions=pos, inputs_embeds=emb,
-                       use_cache=use_cache, state=state, ratio_targets=ratio_targets)
+        out = self.lm(labels=labels, doc_ids=doc_ids, modality=mod, positions=pos, inputs_embeds=emb,
+                      use_cache=use_cache, state=state, ratio_targets=ratio_targets)
+        out.patch_spread = spread
+        return out

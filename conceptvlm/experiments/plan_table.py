@@ -42,9 +42,9 @@ def plan_lines(results_dir, rows: Optional[dict[str, list[dict]]] = None) -> lis
            "`conceptvlm experiment plan --measure` (seconds per training step after warm-up and evaluation time "
            "per scored unit of each stage's most expensive variant, on this machine) and multiplied out to the "
            "full forms. Runs resume from their last checkpoint when a process stops, so the plan runs in pieces; "
-           "*done* counts the full-form runs with rows (at the table's current code revision), *hours spent* their "
-           "CPU time (every piece), *s per step "
-           "in runs* their mean logged step time.", "",
+           "*done* counts the full-form runs with rows (under the YAML's present settings, at the table's current "
+           "code revision), *hours spent* their CPU time (every piece), *s per step in runs* their mean logged step "
+           "time.", "",
            "| stage | experiment | runs | steps per run | s per step timed | load when timed | s per step in runs "
            "| evaluation per run | CPU hours timed | done | hours spent | hours left |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -16,19 +16,16 @@ tower's output and after the projector, over real images:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
-COLLAPSED_BELOW = 0.15  # spread under this: the patches of an image are nearly one vector
+from conceptvlm.vision.projector import COLLAPSED_BELOW, patch_spread
 
 
 def spread_of(vectors_NPD) -> dict:
     """``vectors_NPD``: ``[images, patches, width]``."""
     x = vectors_NPD.float()
-    within = float(x.std(1).mean())
-    norm = float(x.norm(dim=-1).mean())
-    return {"within_std": within, "norm": norm, "spread": within * math.sqrt(x.shape[-1]) / max(norm, 1e-12),
-            "position": float(x.mean(0).std(0).mean())}
+    return {"within_std": float(x.std(1).mean()), "norm": float(x.norm(dim=-1).mean()),
+            "spread": float(patch_spread(x)), "position": float(x.mean(0).std(0).mean())}
 
 
 def tower_spread(model, images_NCHW) -> dict:

@@ -32,7 +32,7 @@ def test_tiny_vlm_trains_and_logs_both_modalities(tmp_path):
     assert all(math.isfinite(x) for x in result["losses"])
     rows = read_jsonl(tmp_path / "vlm" / "metrics.jsonl")
     for key in ("ratio/text", "ratio/image", "ratio_loss/text", "ratio_loss/image", "tokens_per_s",
-                "concepts_per_s", "balance_loss", "z_loss", "expert_load/layer0/max_over_mean"):
+                "concepts_per_s", "balance_loss", "z_loss", "expert_load/layer0/max_over_mean", "image/patch_spread"):
         assert key in rows[-1], key
     model, tok = load_exported(tmp_path / "vlm" / "export")
     assert model.tower is not None and model.tokens_per_image == 64

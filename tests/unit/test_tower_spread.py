@@ -93,3 +93,35 @@ def test_cli_errors_are_one_line(exports, capsys):
     assert len(err) == 1 and "no tower" in err[0]
     assert main(["experiment", "tower-spread", str(exports / "fresh"), "--data", str(exports / "nope.tar")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_training_logs_the_patch_spread_and_warns_once_it_collapses():
+    """A VLM in training reports how far apart its projected patches are (the same number
+    ``tower-spread`` prints after the projector); the step metrics average it over the
+    micro-batches that had images, and a value under the threshold gives one log line."""
+    from conceptvlm.logging_utils import StepMetrics, collapse_warning
+    from helpers import interleaved_row
+
+    vlm = tiny_vlm(dtype=torch.float32)
+    ids = torch.tensor([interleaved_row(vlm, ["ab", None, "cd"])])
+    pics = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    vlm.train()
+    spread = vlm(ids, labels=ids.clone(), images=pics).patch_spread
+    with torch.no_grad():
+        expected = spread_of(vlm.embed_images(pics))["spread"]
+    assert float(spread) == pytest.approx(expected, rel=1e-5) and expected > COLLAPSED_BELOW
+    vlm.eval()  # inference pays nothing for it
+    assert vlm(ids, images=pics).patch_spread is None
+
+    steps = StepMetrics()
+    text_ids = torch.tensor([interleaved_row(vlm, ["abcd"])])
+    text_only = vlm(text_ids, labels=text_ids.clone())
+    vlm.train()
+    with_images = vlm(ids, labels=ids.clone(), images=pics)
+    for out in (with_images, text_only):
+        steps.add(out, float(out.lm_loss.detach()))
+    assert steps.result(1)["image/patch_spread"] == pytest.approx(float(with_images.patch_spread))
+    assert collapse_warning({"lm_loss": 1.0}) is None
+    assert collapse_warning({"image/patch_spread": 0.3}) is None
+    line = collapse_warning({"image/patch_spread": 0.04})
+    assert "0.040 < 0.15" in line and "train.freeze=[tower.,projector.]" in line
