@@ -80,7 +80,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_manifest(folder: str | Path) -> Path:
-    """Hash every file of ``folder`` and write ``manifest.json`` (fsynced, after the files)."""
+    """Hash every file of ``folder`` and write ``manifest.json`` (atomically and fsynced, after the files)."""
     folder = Path(folder)
     files, odd = _files(folder)
     if odd:
@@ -89,10 +89,7 @@ def write_manifest(folder: str | Path) -> Path:
         fsync_path(p)  # the data is on disk before the manifest vouches for it
     entries = {rel: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for rel, p in sorted(files.items())}
     out = folder / MANIFEST
-    with open(out, "w") as f:
-        json.dump({"format": FORMAT, "version": 1, "files": entries}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_atomic(out, json.dumps({"format": FORMAT, "version": 1, "files": entries}, indent=1))
     return out
 
 
