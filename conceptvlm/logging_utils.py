@@ -179,7 +179,8 @@ def collapse_warning(metrics: dict[str, Any]) -> Optional[str]:
         return None
     return (f"image patches are nearly one vector after the projector (patch spread {spread:.3f} < "
             f"{COLLAPSED_BELOW}): the language model cannot see where things are. A tower or projector trained "
-            "from scratch can collapse like this; freezing it (train.freeze=[tower.,projector.]) keeps the patches apart")
+            "from scratch can collapse like this; freezing it (train.freeze=[tower.,projector.]) keeps the "
+            "patches apart")
 
 
 def skipped_counters(loaders: list) -> dict[str, int]:

@@ -141,7 +141,7 @@ class ConceptVLM(nn.Module):
         spread = None
         if n_images:
             tokens = self.embed_images(images.to(emb.device, emb.dtype))
-            if self.training:
+            if self.training and tokens.shape[1] > 1:  # a spread needs two patches
                 from .vision.projector import patch_spread
 
                 spread = patch_spread(tokens.detach())
