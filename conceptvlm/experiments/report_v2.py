@@ -269,7 +269,7 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
         lines += (cells_table(by) if kind_cells else text_table(by)) + [""] + superseded_lines(old, rs)
         lines += other_protocol_lines(other_protocol)
         lines += best_lr_lines(by) + note_lines(noted)
-        gate_ok, gate_line = gate(exp, by)
+        gate_ok, gate_line = gate(with_quick(exp) if quick else exp, by)
         if gate_line:
             lines += [gate_line, ""]
         if not problem and not quick:

@@ -154,6 +154,28 @@ def test_an_inconclusive_not_worse_claim_says_how_many_seeds_would_resolve_it():
     assert "not compared (gate not passed)" in claim_lines(claim, latest(rows([0.9], [0.8])), False)[0]
 
 
+def test_the_gate_is_decided_over_every_seed_of_the_yaml():
+    from conceptvlm.experiments.verdicts import claim_lines, gate, latest
+
+    exp = {"seeds": [0, 1, 2, 3, 4], "gate": {"variant": "r1", "metric": "within_one", "at_least": 0.8}}
+
+    def rows(*within):
+        return latest([{"variant": "r1", "seed": s, "held": {"cells": {"within_one": w}}}
+                       for s, w in enumerate(within)])
+    ok, line = gate(exp, rows(1.0, 1.0))  # 2 of 5 seeds: the other 3 could still sink it
+    assert ok is None and "over 2 of its 5 seeds" in line and "**gate not decided yet**" in line
+    ok, line = gate(exp, rows(0.98, 0.97, 0.26, 0.11))  # even a perfect fifth seed leaves the mean at 66%
+    assert ok is False and "cannot lift it" in line
+    assert gate(exp, rows(1.0, 1.0, 1.0, 1.0, 0.1))[0] is True  # a mean over seeds: 82%
+    ok, line = gate(exp, rows(1.0, 1.0, 1.0, 0.5, 0.4))
+    assert ok is False and "over its 5 seeds" in line and "cannot lift" not in line
+    assert gate(exp, latest([]))[0] is None and gate({}, rows(1.0)) == (None, "")
+    claim = {"claims": [{"id": "c", "text": "2d >= 1d", "not_worse": ["a", "b"], "metric": "cell_accuracy",
+                         "gated": True}]}
+    assert "not compared (gate not decided yet)" in claim_lines(claim, latest([]), None)[0]
+    assert "not compared (gate not passed)" in claim_lines(claim, latest([]), False)[0]
+
+
 def test_claims_leave_out_unmatched_rows_and_mixed_revisions_withhold_verdicts():
     from conceptvlm.experiments.report_v2 import pairing_problem, revision_problem
     from conceptvlm.experiments.verdicts import claim_lines, latest
