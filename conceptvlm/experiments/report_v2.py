@@ -57,11 +57,11 @@ def split_by_protocol(exp: dict, rows: list[dict]) -> tuple[list[dict], list[dic
     stand while no row of the table has one."""
     if not exp.get("claims") or not any(r.get("protocol_key") for r in rows):
         return rows, []
-    variants = {v["name"]: v for v in exp.get("variants", [])}
+    forms = {False: exp, True: with_quick(exp)}
+    keys = {(quick, v["name"]): protocol_key(form, v) for quick, form in forms.items() for v in exp.get("variants", [])}
 
-    def now(r: dict) -> bool:
-        v = variants.get(r["variant"])
-        return v is not None and r.get("protocol_key") == protocol_key(with_quick(exp) if r["quick"] else exp, v)
+    def now(r: dict) -> bool:  # a variant no longer in the YAML has no key: superseded
+        return r.get("protocol_key") is not None and r["protocol_key"] == keys.get((bool(r["quick"]), r["variant"]))
     return [r for r in rows if now(r)], [r for r in rows if not now(r)]
 
 
@@ -245,8 +245,9 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
     for quick, every in sorted(forms.items()):
         rs, other_protocol, old = current_rows(exp, every)
         lines += [f"### {'quick form (pipeline check, not evidence)' if quick else 'full'}", ""]
+        # the YAML's notes are about its full-form rows, not the pipeline check
+        noted = {k: v for k, v in exp.items() if k != "notes"} if quick else exp
         if not rs:
-            noted = {k: v for k, v in exp.items() if k != "notes"} if quick else exp
             lines += ["No rows under the present protocol yet.", ""] + other_protocol_lines(other_protocol)
             lines += note_lines(noted)
             continue
@@ -262,8 +263,6 @@ def render_experiment(name: str, exp: dict, rows: list[dict]) -> list[str]:
             lines.append(overlap_line(r_last))
         lines.append("")
         problem = revision_problem(rows_used) or pairing_problem(by)
-        # the YAML's notes are about its full-form rows, not the pipeline check
-        noted = {k: v for k, v in exp.items() if k != "notes"} if quick else exp
         lines += problem_lines(noted, problem)
         kind_cells = any("cells" in r["held"] for r in rows_used)
         lines += (cells_table(by) if kind_cells else text_table(by)) + [""] + superseded_lines(old, rs)
