@@ -70,6 +70,13 @@ def _tower_spread(args: argparse.Namespace) -> int:
     return 1 if any(r["collapsed"] for r in rows) else 0
 
 
+def _curve(args: argparse.Namespace) -> int:
+    from .curve import run
+
+    run(args.runs, args.metric, args.window, args.prior)
+    return 0
+
+
 def register(sub: "argparse._SubParsersAction") -> None:
     from .runner import RESULTS_DIR
 
@@ -112,6 +119,14 @@ def register(sub: "argparse._SubParsersAction") -> None:
     ts.add_argument("--limit", type=int, default=32, help="images")
     ts.add_argument("--out", default=None, help="write the measurements as JSON")
     ts.set_defaults(func=_tower_spread)
+    cv = kinds.add_parser("curve", help="window means of a logged metric per run, and the step a run left the "
+                                        "prior (grounding: when it learned to look)")
+    cv.add_argument("runs", nargs="+", help="run folders (or their metrics.jsonl)")
+    cv.add_argument("--metric", default="lm_loss", help="a key of metrics.jsonl")
+    cv.add_argument("--window", type=int, default=200, help="logged steps per window")
+    cv.add_argument("--prior", default=None,
+                    help="nats, or 'cells' for the grounding-cells answer prior: also print when the run left it")
+    cv.set_defaults(func=_curve)
 
 
 def main(argv=None) -> int:

@@ -161,10 +161,10 @@ def prior_line() -> str:
     """The loss a run that never learned to look sits at (byte tokens: " r3 c5" + eos)."""
     from conceptvlm.data.grounding_cells import cell_answer
 
-    from .grounding import answer_prior_nats
+    from .curve import answer_tokens, cells_prior
 
-    k = len((" " + cell_answer(0, 0)).encode()) + 1
-    return (f"The task's prior: a model that ignores the image trains to {answer_prior_nats(k):.3f} nats per answer "
+    k = answer_tokens(cell_answer(0, 0))
+    return (f"The task's prior: a model that ignores the image trains to {cells_prior():.3f} nats per answer "
             f"token (the centre cell's entropy over the answer's {k} byte tokens, eos included). A final train "
             "loss there means the run never learned to look.")
 

@@ -27,7 +27,7 @@ NOT_RUN = [SELF,
     "conceptvlm/demo.py", "conceptvlm/convert.py", "conceptvlm/hf_config.py", "conceptvlm/hf_import.py",
     "conceptvlm/hf_weights.py", "conceptvlm/safetensors_stream.py", "conceptvlm/hf_remote", "conceptvlm/bench",
     *(f"conceptvlm/experiments/{f}" for f in ("report.py", "report_v2.py", "verdicts.py", "plan.py",
-                                               "plan_table.py", "stats.py", "cli.py", "tower_spread.py")),
+                                               "plan_table.py", "stats.py", "cli.py", "tower_spread.py", "curve.py")),
     "data/bench.py", "data/cli.py", "data/from_folder.py",
     "eval/cli.py", "eval/harness.py", "eval/lmms.py", "eval/longctx.py", "eval/task_paths.py",
 ]
