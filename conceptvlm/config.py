@@ -190,6 +190,8 @@ class ModelConfig(YamlConfig):
                 setattr(self, name, load_config(cls, getattr(self, name), prefix=f"{name}."))
         check_choices(self)
         _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        _check(self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")
+        _check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
         _check(self.n_heads >= 1 and self.n_kv_heads >= 1, "n_heads and n_kv_heads must be >= 1")
         _check(self.head_dim is not None or self.d_model % self.n_heads == 0,
                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set head_dim)")

@@ -22,6 +22,8 @@ def test_tiny_yaml_loads(repo_root):
     ("concept.top_k=99", "concept.top_k"),
     ("concept.loops=0", "concept.loops"),
     ("chunk.split_loss_weight_image=-1", "split loss"),
+    ("d_model=-4", "d_model must be >= 1"),  # divisible by n_heads, still not a width
+    ("max_seq_len=0", "max_seq_len"),
 ])
 def test_bad_values_name_the_key(repo_root, override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
