@@ -1,6 +1,6 @@
 """Command-line glue for the data commands: parse, call the library, print.
 
-``register(subparsers)`` adds ``shards synthetic``, ``shards from-folder`` and
+``register(subparsers)`` adds ``shards synthetic``, ``shards from-folder``, ``shards check`` and
 ``tokenizer train``; every parser sets ``func(args) -> int`` (the exit code).
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from .check import check_shards
 from .from_folder import ANNOTATION_FIELDS, write_folder_shards
 from .samples import KINDS
 from .synthetic import write_synthetic_shards
@@ -32,6 +33,16 @@ def _from_folder(args: argparse.Namespace) -> int:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
         print(f"skipped {sum(skipped.values())} row(s): {detail} (--strict makes these errors)")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    shards = samples = skipped = 0
+    for result in check_shards(args.spec, args.kind):
+        print(result.line(), flush=True)
+        shards, samples = shards + 1, samples + result.samples
+        skipped += sum(result.skipped.values())
+    print(f"{shards} shard(s): {samples:,} usable {args.kind} sample(s), {skipped:,} that training would skip")
+    return 1 if skipped else 0
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
@@ -72,6 +83,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--follow-symlinks", action="store_true",
                    help="follow symlinks in --images and in row paths (wherever they point)")
     p.set_defaults(func=_from_folder)
+
+    p = shards.add_parser("check", help="read and parse every sample as training would; one line per shard "
+                                        "(exit 1 when any would be skipped)")
+    p.add_argument("spec", help="shard spec: dir/name-{000000..000009}.tar, a.tar::b.tar, pipe:CMD")
+    p.add_argument("--kind", required=True, choices=KINDS, help="the sample kind the shards hold (docs/data.md)")
+    p.set_defaults(func=_check)
 
     tok = subparsers.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_cmd", required=True)
     p = tok.add_parser("train", help="fit a byte-level BPE on text files")

@@ -46,6 +46,7 @@ BAD_JSON = "bad_json"
 MISSING_FIELD = "missing_field"
 BAD_FIELD = "bad_field"
 UNREADABLE_SHARD = "unreadable_shard"
+NO_END_MARKER = "truncated_shard"  # the tar stops between members, without its end-of-archive blocks
 
 
 class BadSample(Exception):

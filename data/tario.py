@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .counters import BAD_FIELD, TRUNCATED, UNREADABLE_SHARD, DataCounters
+from .counters import BAD_FIELD, NO_END_MARKER, TRUNCATED, UNREADABLE_SHARD, DataCounters
 
 RawSample = dict[str, Any]
 
@@ -78,6 +78,19 @@ def open_shard(url: str, timeout: float = 300.0):
     return gopen(url)
 
 
+def _ended_with_marker(tar: tarfile.TarFile) -> bool:
+    """Did the stream end at the tar end-of-archive marker (a block of zeros)? ``tarfile``
+    stops quietly both there and at a plain end of data between two members, which is what
+    a shard cut at a 512-byte boundary looks like. Its reader stands at ``tar.offset``, the
+    next header, plus whatever it read of that header: a whole block of zeros at the marker,
+    nothing at a cut. (Where the stream cannot tell its position, assume the marker.)"""
+    try:
+        read_past = tar.fileobj.tell() - tar.offset
+    except (AttributeError, OSError, ValueError):
+        return True
+    return read_past >= tarfile.BLOCKSIZE
+
+
 def iter_shard(url: str, counters: DataCounters, timeout: float = 300.0) -> Iterator[RawSample]:
     """Yield the samples of one shard (members grouped by key, consecutive as in
     webdataset). Damage ends the shard; everything complete before it is kept.
@@ -117,6 +130,10 @@ def iter_shard(url: str, counters: DataCounters, timeout: float = 300.0) -> Iter
                 current[ext] = data
                 # Streaming mode keeps every TarInfo otherwise: memory grows with the shard.
                 tar.members = []
+            if not _ended_with_marker(tar):
+                counters.skip(NO_END_MARKER, url, member_key,
+                              "the tar stops between two members without its end-of-archive blocks: the shard "
+                              "was cut short (a partial copy?); the samples before the cut are kept")
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         # Damage before any member (empty file, failing pipe) loses the shard; later damage
         # loses the sample being read (the member, or the header after it, is cut).

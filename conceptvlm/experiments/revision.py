@@ -28,7 +28,7 @@ NOT_RUN = [SELF,
     "conceptvlm/hf_weights.py", "conceptvlm/safetensors_stream.py", "conceptvlm/hf_remote", "conceptvlm/bench",
     *(f"conceptvlm/experiments/{f}" for f in ("report.py", "report_v2.py", "verdicts.py", "plan.py",
                                                "plan_table.py", "stats.py", "cli.py", "tower_spread.py", "curve.py")),
-    "data/bench.py", "data/cli.py", "data/from_folder.py",
+    "data/bench.py", "data/check.py", "data/cli.py", "data/from_folder.py",
     "eval/cli.py", "eval/harness.py", "eval/lmms.py", "eval/longctx.py", "eval/task_paths.py",
 ]
 CODE_DIRS = ["conceptvlm", "data", "vision", "eval"]  # the package (data, vision, eval are its subpackages)
